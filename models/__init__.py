@@ -1,0 +1,1 @@
+"""Networks and training-time modules: SongUNet, EMA copies, EDM augmentation."""

@@ -1,0 +1,1 @@
+"""Infrastructure: distributed set-up, data, checkpoints, FID."""
