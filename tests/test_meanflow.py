@@ -1,0 +1,381 @@
+"""Tests of meanflow.py against known answers: finite differences, a Gaussian with a closed-form
+mean flow, the sampler's distributions, and a toy 2-D problem."""
+
+import math
+import shutil
+
+import pytest
+import torch
+from scipy import stats
+
+import meanflow
+from meanflow import MeanFlow
+
+
+class ToyMLP(torch.nn.Module):
+    """u(z, t, h) for vectors z: [B, dim]; an MLP on the concatenation [z, t, h]."""
+
+    def __init__(self, dim: int = 2, width: int = 64, dropout: float = 0.0, depth: int = 3):
+        super().__init__()
+        layers, d_in = [], dim + 2
+        for _ in range(depth):
+            layers += [torch.nn.Linear(d_in, width), torch.nn.SiLU(), torch.nn.Dropout(dropout)]
+            d_in = width
+        self.body = torch.nn.Sequential(*layers, torch.nn.Linear(width, dim))
+
+    def forward(self, z, t, h, aug_cond=None):
+        return self.body(torch.cat([z, t[:, None], h[:, None]], dim=1))
+
+
+# ---------------------------------------------------------------- JVP and the loss
+
+
+@pytest.mark.parametrize("jvp_mode", ["joint", "split"])
+def test_dudt_matches_central_differences(jvp_mode):
+    torch.manual_seed(0)
+    net = ToyMLP(dim=3, width=32).double().eval()
+    z, v = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    t = torch.rand(6, dtype=torch.float64) * 0.5 + 0.5
+    r = t * torch.rand(6, dtype=torch.float64)
+
+    u, dudt = meanflow.u_and_dudt(net, z, t, r, v, jvp_mode=jvp_mode)
+
+    # d/de u(z + e v, t + e, r): r stays fixed, so h = t - r moves with t.
+    eps = 1e-6
+    plus = net(z + eps * v, t + eps, t + eps - r)
+    minus = net(z - eps * v, t - eps, t - eps - r)
+    torch.testing.assert_close(u, net(z, t, t - r), rtol=0, atol=1e-14)
+    torch.testing.assert_close(dudt, (plus - minus) / (2 * eps), rtol=1e-7, atol=1e-8)
+
+
+def test_loss_known_answer_on_images_both_modes():
+    """net = z * w(t, h), w = 1 + t^2 + h/2: du/dt = v w + z (2t + 1/2) since dh/dt = 1."""
+    g = torch.Generator().manual_seed(1)
+    x, e = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    t = torch.tensor([1.0, 0.9, 0.5, 0.3, 0.2])
+    r = torch.tensor([0.0, 0.9, 0.1, 0.0, 0.2])
+
+    def net(z, t, h, aug_cond=None):
+        return z * (1 + t**2 + 0.5 * h).view(-1, 1, 1, 1)
+
+    tb, hb = t.view(-1, 1, 1, 1), (t - r).view(-1, 1, 1, 1)
+    z, v = (1 - tb) * x + tb * e, e - x
+    w = 1 + tb**2 + 0.5 * hb
+    u_tgt = v - hb * (v * w + z * (2 * tb + 0.5))
+    err = (z * w - u_tgt).square().sum(dim=(1, 2, 3))
+    expected = (err / (err + 1e-3) ** 0.75).mean()
+    for mode in ("joint", "split"):
+        loss = MeanFlow(jvp_mode=mode).loss(net, x, noise=e, t=t, r=r)
+        assert loss.shape == () and loss.dtype == torch.float32
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+
+
+def test_joint_and_split_agree_with_dropout():
+    """Same loss, same gradients and the same RNG state afterwards, with dropout active."""
+    torch.manual_seed(0)
+    net = ToyMLP(dim=2, width=32, dropout=0.3).double().train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    t, r = MeanFlow().sample_t_r(64, generator=g)
+
+    results = {}
+    for mode in ("joint", "split"):
+        net.zero_grad()
+        torch.manual_seed(123)
+        loss = MeanFlow(jvp_mode=mode).loss(net, x, noise=noise, t=t, r=r)
+        loss.backward()
+        results[mode] = (loss.detach(), [p.grad.clone() for p in net.parameters()], torch.get_rng_state())
+
+    (l_j, g_j, rng_j), (l_s, g_s, rng_s) = results["joint"], results["split"]
+    torch.testing.assert_close(l_s, l_j, rtol=1e-12, atol=0)
+    for a, b in zip(g_s, g_j):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.equal(rng_s, rng_j)
+    # Not vacuous: other dropout masks give another loss.
+    torch.manual_seed(124)
+    assert not torch.allclose(MeanFlow().loss(net, x, noise=noise, t=t, r=r), l_j)
+
+
+def test_loss_draws_noise_then_t_r_from_generator():
+    torch.manual_seed(0)
+    net = ToyMLP(dim=2, width=16).eval()
+    x = torch.randn(8, 2)
+    mf = MeanFlow()
+    drawn = mf.loss(net, x, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(8, 2, generator=g)
+    t, r = mf.sample_t_r(8, generator=g)
+    torch.testing.assert_close(drawn, mf.loss(net, x, noise=noise, t=t, r=r), rtol=0, atol=0)
+
+
+def test_loss_ignores_outer_autocast():
+    torch.manual_seed(0)
+    net = ToyMLP(dim=2, width=16).eval()
+    x = torch.randn(8, 2)
+    kw = dict(noise=torch.randn(8, 2), t=torch.full((8,), 0.7), r=torch.full((8,), 0.2))
+    plain = MeanFlow().loss(net, x, **kw)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        cast = MeanFlow().loss(net, x, **kw)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=0, atol=0)
+
+
+def test_joint_loss_compiles_without_graph_breaks():
+    """No host syncs or value-dependent branches, with (t, r) drawn inside or given."""
+    torch.manual_seed(0)
+    net = ToyMLP(dim=2, width=16, dropout=0.1).train()
+    mf = MeanFlow()
+    x = torch.randn(8, 2)
+    compiled = torch.compile(lambda x: mf.loss(net, x), backend="eager", fullgraph=True)
+    loss = compiled(x)
+    loss.backward()
+    assert torch.isfinite(loss) and net.body[0].weight.grad is not None
+
+    net.eval()
+    t, r = mf.sample_t_r(8)
+    given = torch.compile(lambda x, t, r: mf.loss(net, x, noise=x, t=t, r=r), backend="eager", fullgraph=True)
+    torch.testing.assert_close(given(x, t, r), mf.loss(net, x, noise=x, t=t, r=r))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_split_mode_shares_dropout_masks_under_compile():
+    """Compiled random ops ignore the RNG rewind, so the split path must stay eager: with
+    u = dropout(z) (t + 1) and z = v = 1, du/dt = dropout(1) (t + 2) is zero exactly where u is."""
+    dropout = torch.nn.Dropout(0.5).train()
+
+    def net(z, t, h, aug_cond=None):
+        return dropout(z) * (t + 1)[:, None]
+
+    ones, t, r = torch.ones(4, 256), torch.full((4,), 0.5), torch.zeros(4)
+    compiled = torch.compile(lambda z, t, r, v: meanflow.u_and_dudt(net, z, t, r, v, jvp_mode="split"))
+    torch.manual_seed(0)
+    u, dudt = compiled(ones, t, r, ones)
+    assert 0.3 < (u == 0).float().mean() < 0.7
+    assert torch.equal(u == 0, dudt == 0)
+
+
+# ---------------------------------------------------------------- Gaussian data: exact mean flow
+
+S = 0.5  # data x ~ N(0, S^2 I)
+
+
+def _sigma(t):
+    """Std of z_t = (1 - t) x + t e, per coordinate."""
+    return ((1 - t) ** 2 * S**2 + t**2).sqrt()
+
+
+def _coef(t, r):
+    """u = z * coef with coef = (1 - sigma_r / sigma_t) / (t - r), written without the division:
+    sigma_t^2 - sigma_r^2 = (t - r) ((t + r) - S^2 (2 - t - r)). At r = t it is the instantaneous
+    velocity d log(sigma_t) / dt = (t - S^2 (1 - t)) / sigma_t^2."""
+    st, sr = _sigma(t), _sigma(r)
+    return ((t + r) - S**2 * (2 - t - r)) / (st * (st + sr))
+
+
+def u_exact(z, t, h, aug_cond=None):
+    return z * _coef(t, t - h).view(-1, *([1] * (z.dim() - 1)))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_sample_exact_gaussian_flow(steps):
+    # The ODE flow of this Gaussian scales z by sigma_r / sigma_t, so t = 1 -> 0 maps e to S e.
+    noise = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = meanflow.sample(u_exact, noise, steps=steps)
+    torch.testing.assert_close(out, S * noise, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("jvp_mode", ["joint", "split"])
+def test_loss_gradient_vanishes_at_exact_mean_flow(jvp_mode):
+    """d loss / d a for net_a = a * u_exact with norm_p = 0.
+
+    The per-sample gradient 2 <u, a (u + h dudt) - v> is affine in the conditional velocity v for a
+    fixed z. Each (x, e) is paired with its reflection about E[(x, e) | z_t], which has the same z_t
+    and law; a pair averages v to the marginal velocity vbar(z_t, t). The MeanFlow identity
+    u = vbar - h du/dt then makes the gradient exactly 2 (a - 1) mean <u, vbar>, zero at a = 1.
+    """
+    g = torch.Generator().manual_seed(3)
+    n, dim = 512, 4
+    mf = MeanFlow(norm_p=0.0, jvp_mode=jvp_mode)
+    t, r = (s.double() for s in mf.sample_t_r(n, generator=g))
+    x = S * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    e = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    tb = t[:, None]
+    z = (1 - tb) * x + tb * e
+    var = _sigma(tb) ** 2
+    x2, e2 = 2 * (1 - tb) * S**2 * z / var - x, 2 * tb * z / var - e
+    x, e, t, r, z = torch.cat([x, x2]), torch.cat([e, e2]), torch.cat([t, t]), torch.cat([r, r]), torch.cat([z, z])
+    torch.testing.assert_close((1 - t[:, None]) * x + t[:, None] * e, z, rtol=0, atol=1e-14)
+
+    u_dot_vbar = (z.square().sum(1) * _coef(t, r) * _coef(t, t)).mean()
+    for a_value in (0.8, 1.0, 1.2):
+        a = torch.tensor(a_value, dtype=torch.float64, requires_grad=True)
+        loss = mf.loss(lambda z, t, h, aug_cond=None: a * u_exact(z, t, h), x, noise=e, t=t, r=r)
+        (grad,) = torch.autograd.grad(loss, a)
+        expected = 2 * (a_value - 1) * u_dot_vbar
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+    assert abs(2 * 0.2 * u_dot_vbar) > 0.05  # so the gradient at a = 0.8 and 1.2 is far from zero
+
+
+# ---------------------------------------------------------------- (t, r) samplers
+
+N = 200_000
+
+
+def _logit(p):
+    p = p.double()
+    return torch.log(p) - torch.log1p(-p)
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("tr_sampler", ["v0", "v1"])
+def test_sampler_basics_and_reproducibility(tr_sampler):
+    mf = MeanFlow(tr_sampler=tr_sampler)
+    t, r = mf.sample_t_r(N, generator=torch.Generator().manual_seed(0))
+    assert t.shape == r.shape == (N,) and t.dtype == r.dtype == torch.float32
+    assert bool((t >= r).all()) and bool((r >= 0).all()) and bool((t <= 1).all())
+    t2, r2 = mf.sample_t_r(N, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, t2) and torch.equal(r, r2)
+    t3, _ = mf.sample_t_r(N, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(t, t3)
+
+
+@pytest.mark.parametrize("tr_sampler", ["v0", "v1"])
+def test_sampler_draw_order(tr_sampler):
+    """Generator order: B normals for t, B normals for r, B uniforms deciding r = t."""
+    mf = MeanFlow(tr_sampler=tr_sampler, P_mean_t=-2.0, P_std_t=2.0, P_mean_r=-2.0, P_std_r=2.0)
+    t, r = mf.sample_t_r(1000, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t0 = torch.sigmoid(torch.randn(1000, generator=g) * 2.0 - 2.0)
+    r0 = torch.sigmoid(torch.randn(1000, generator=g) * 2.0 - 2.0)
+    tie = torch.rand(1000, generator=g) < 0.25
+    if tr_sampler == "v0":
+        t0, r0 = torch.maximum(t0, r0), torch.minimum(t0, r0)
+    r0 = torch.minimum(t0, torch.where(tie, t0, r0))
+    assert torch.equal(t, t0) and torch.equal(r, r0)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.75, 1.0])
+def test_sampler_v0_ratio_and_marginals(ratio):
+    """v0 (paper, CIFAR-10 config): t = max(T, R) always, r = min(T, R) with probability ratio,
+    T, R independent logit-normals. So P(r != t) = ratio, logit(t) has CDF F_T F_R, and the untied
+    r have CDF 1 - (1 - F_T)(1 - F_R)."""
+    mt, st, mr, sr = -2.0, 2.0, -1.0, 1.5
+    mf = MeanFlow(tr_sampler="v0", P_mean_t=mt, P_std_t=st, P_mean_r=mr, P_std_r=sr, ratio=ratio)
+    t, r = mf.sample_t_r(N, generator=torch.Generator().manual_seed(11))
+    apart = t != r
+    frac = apart.double().mean().item()
+    assert abs(frac - ratio) <= 5 * math.sqrt(ratio * (1 - ratio) / N) + 1e-12
+
+    f_t, f_r = stats.norm(mt, st).cdf, stats.norm(mr, sr).cdf
+    assert stats.kstest(_logit(t).numpy(), lambda y: f_t(y) * f_r(y)).pvalue > 1e-3
+    if ratio > 0:
+        r_apart = _logit(r[apart]).numpy()
+        assert stats.kstest(r_apart, lambda y: 1 - (1 - f_t(y)) * (1 - f_r(y))).pvalue > 1e-3
+
+
+def test_sampler_v1_ratio_and_marginals():
+    """v1 (release default): t is logit-normal(P_mean_t, P_std_t) exactly; r = t with probability
+    1 - ratio, else R clipped to t. Hence P(r != t) = ratio * P(R < T) and the untied logit(r)
+    follow R given R < T, whose mean is m_r - s_r^2 phi(k) / (s_d Phi(k)), k = (m_t - m_r) / s_d."""
+    mf = MeanFlow(tr_sampler="v1")
+    mt, st, mr, sr = mf.P_mean_t, mf.P_std_t, mf.P_mean_r, mf.P_std_r
+    t, r = mf.sample_t_r(N, generator=torch.Generator().manual_seed(12))
+
+    s_d = math.hypot(st, sr)
+    k = (mt - mr) / s_d
+    p_apart = mf.ratio * _normal_cdf(k)
+    apart = t != r
+    assert abs(apart.double().mean().item() - p_apart) <= 5 * math.sqrt(p_apart * (1 - p_apart) / N)
+
+    assert stats.kstest(_logit(t).numpy(), stats.norm(mt, st).cdf).pvalue > 1e-3
+
+    logit_r = _logit(r[apart])
+    mean_expected = mr - sr**2 * math.exp(-0.5 * k * k) / math.sqrt(2 * math.pi) / (s_d * _normal_cdf(k))
+    tol = 5 * logit_r.std().item() / math.sqrt(logit_r.numel())
+    assert abs(logit_r.mean().item() - mean_expected) < tol
+
+
+# ---------------------------------------------------------------- toy 2-D problem
+
+
+def _ring_of_gaussians(n, generator):
+    """8 Gaussians (std 0.1) evenly spaced on a circle of radius 2."""
+    k = torch.randint(0, 8, (n,), generator=generator)
+    angle = k.double() * (2 * math.pi / 8)
+    centres = 2.0 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return (centres + 0.1 * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
+
+
+def _energy_distance(a, b):
+    """sqrt(2 E|X - Y| - E|X - X'| - E|Y - Y'|), the metric form (as scipy's energy_distance)."""
+    d = 2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()
+    return d.clamp_min(0).sqrt().item()
+
+
+def _train_toy(ratio, seed=0, steps=1000, batch=256):
+    torch.manual_seed(seed)
+    net = ToyMLP(dim=2, width=128)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    mf = MeanFlow(ratio=ratio)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        loss = mf.loss(net, _ring_of_gaussians(batch, g), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def test_one_step_meanflow_beats_flow_matching_on_toy_2d():
+    """MeanFlow (ratio 0.75) against flow matching (ratio 0, i.e. r = t always: the same loss with
+    h = 0), identical seeds, 1000 Adam steps of batch 256. 1-step samples of 2000 points are
+    compared with 2000 fresh data points by the energy distance (metric form). Flow matching's
+    single Euler step lands near the data mean; MeanFlow's lands on the ring.
+    Measured energy-distance ratio FM / MF at seeds 0..7: 5.3, 5.8, 4.4, 3.4, 3.7, 3.5, 3.5, 5.0;
+    the test requires 2."""
+    dist = {}
+    for ratio in (0.75, 0.0):
+        net = _train_toy(ratio)
+        g = torch.Generator().manual_seed(1000)
+        samples = meanflow.sample(net, torch.randn(2000, 2, generator=g), steps=1)
+        dist[ratio] = _energy_distance(samples, _ring_of_gaussians(2000, g))
+    assert dist[0.0] >= 2 * dist[0.75], dist
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(ratio=-0.1), "ratio=-0.1"),
+        (dict(ratio=1.5), "ratio=1.5"),
+        (dict(norm_p=-1.0), "norm_p=-1.0"),
+        (dict(tr_sampler="v2"), "'v2'"),
+        (dict(jvp_mode="fast"), "'fast'"),
+        (dict(P_std_t=-1.0), "P_std_t=-1.0"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        MeanFlow(**kwargs)
+
+
+def test_bad_loss_and_sample_arguments():
+    net = ToyMLP(dim=2, width=8)
+    x = torch.randn(3, 2)
+    t, r = torch.tensor([0.5, 0.4, 0.9]), torch.tensor([0.1, 0.6, 0.2])
+    with pytest.raises(ValueError, match=r"t\[1\]=0.4 < r\[1\]=0.6"):
+        MeanFlow().loss(net, x, t=t, r=r)
+    with pytest.raises(ValueError, match="both t and r"):
+        MeanFlow().loss(net, x, t=t)
+    with pytest.raises(ValueError, match=r"t must have shape \[3\]"):
+        MeanFlow().loss(net, x, t=t[:2], r=r[:2])
+    with pytest.raises(ValueError, match="noise shape"):
+        MeanFlow().loss(net, x, noise=torch.randn(3, 5))
+    with pytest.raises(ValueError, match="steps=0"):
+        meanflow.sample(net, x, steps=0)

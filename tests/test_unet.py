@@ -1,0 +1,306 @@
+"""SongUNet: layout of the authors' checkpoints, their reference outputs, JVP correctness, bad inputs."""
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.unet import CIFAR10_CONFIG, SongUNet, group_norm, self_attention
+
+RELEASE_PREFIXES = ("net", "net_ema", "net_ema1", "net_ema2")
+CIFAR10_NUM_PARAMS = 55_932_419
+EDM_DEFAULTS = dict(label_dim=0, num_blocks=4, attn_resolutions=[16], channel_mult_emb=4,
+                    embedding_type="positional", label_dropout=0)
+
+# Smallest network that still has every kind of layer: down/up blocks, attention, two levels.
+TINY = dict(img_resolution=8, in_channels=2, out_channels=2, model_channels=8, channel_mult=[1, 2],
+            num_blocks=1, attn_resolutions=[4], channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
+            dropout=0.0, augment_dim=3)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def perturbed(net: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Add noise to every parameter so zero-initialised output layers do not hide the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return net
+
+
+def tiny_inputs(dtype=torch.float32, batch: int = 2, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    res, ch = TINY["img_resolution"], TINY["in_channels"]
+    z = torch.randn(batch, ch, res, res, generator=gen, dtype=dtype)
+    v = torch.randn(batch, ch, res, res, generator=gen, dtype=dtype)
+    t = torch.rand(batch, generator=gen, dtype=dtype) * 0.5 + 0.5
+    r = t * torch.rand(batch, generator=gen, dtype=dtype)
+    aug = torch.randn(batch, TINY["augment_dim"], generator=gen, dtype=dtype)
+    return z, v, t, r, aug
+
+
+# ---------------------------------------------------------------- the authors' checkpoint layout
+
+def test_cifar10_state_dict_matches_release_listing(fixtures_dir: Path):
+    lines = (fixtures_dir / "official_full_state_dict_shapes.txt").read_text().splitlines()
+    assert lines[0].replace(",", "").endswith(str(CIFAR10_NUM_PARAMS))
+    expected = [tuple(line.split("\t")) for line in lines[1:]]
+
+    with torch.device("meta"):  # shapes only: no memory, no time spent on random init
+        net = SongUNet(**CIFAR10_CONFIG)
+    assert sum(p.numel() for p in net.parameters()) == CIFAR10_NUM_PARAMS
+    own = net.state_dict()
+    got = [("num_updates", "[]")] + [
+        (f"{prefix}.{key}", str(list(value.shape))) for prefix in RELEASE_PREFIXES for key, value in own.items()]
+    assert got == expected
+
+
+def test_cifar10_state_dict_in_ema_wrapper(fixtures_dir: Path):
+    ema = pytest.importorskip("models.ema")
+    lines = (fixtures_dir / "official_full_state_dict_shapes.txt").read_text().splitlines()
+    expected = {key: shape for key, shape in (line.split("\t") for line in lines[1:])}
+    with torch.device("meta"):
+        wrapped = ema.EMAModel(SongUNet(**CIFAR10_CONFIG))
+    got = {key: str(list(value.shape)) for key, value in wrapped.state_dict().items()}
+    assert got == expected
+
+
+# ---------------------------------------------------------------- reference outputs of the release
+
+@functools.lru_cache(maxsize=1)
+def _reference(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_nets(path: Path) -> dict:
+    ref = _reference(path)
+    config = {**EDM_DEFAULTS, **ref["model_config"]}
+    nets = {}
+    for prefix in RELEASE_PREFIXES:
+        net = SongUNet(**config).eval()
+        state = {k[len(prefix) + 1:]: v for k, v in ref["model"].items() if k.startswith(prefix + ".")}
+        net.load_state_dict(state, strict=True)
+        nets[prefix] = net
+    return nets
+
+
+def load_reference(fixtures_dir: Path):
+    path = fixtures_dir / "official_unet_small.pt"
+    return _reference(path), _reference_nets(path)
+
+
+@pytest.mark.parametrize("name", RELEASE_PREFIXES)
+def test_outputs_match_release(fixtures_dir: Path, name: str):
+    ref, nets = load_reference(fixtures_dir)
+    inp = ref["inputs"]
+    with torch.no_grad():
+        out = nets[name](inp["z"], inp["t"], inp["t"] - inp["r"], aug_cond=inp["aug_cond"])
+    assert rel_err(out, ref["outputs"][name]) < 1e-4
+
+
+def test_output_without_augmentation_labels_matches_release(fixtures_dir: Path):
+    ref, nets = load_reference(fixtures_dir)
+    inp = ref["inputs"]
+    with torch.no_grad():
+        out = nets["net"](inp["z"], inp["t"], inp["t"] - inp["r"])
+    assert rel_err(out, ref["outputs"]["net_no_aug"]) < 1e-4
+
+
+def test_jvp_matches_release(fixtures_dir: Path):
+    ref, nets = load_reference(fixtures_dir)
+    inp = ref["inputs"]
+    net = nets["net"]
+    t, r = inp["t"], inp["r"]
+    u, dudt = torch.func.jvp(lambda z_, t_, r_: net(z_, t_, t_ - r_, aug_cond=inp["aug_cond"]),
+                             (inp["z"], t, r), (inp["v"], torch.ones_like(t), torch.zeros_like(r)))
+    assert rel_err(u, ref["outputs"]["u_pred"]) < 1e-4
+    assert rel_err(dudt, ref["outputs"]["dudt"]) < 1e-4
+
+
+@pytest.mark.parametrize("jvp_mode", ["joint", "split"])
+def test_loss_and_grads_match_release(fixtures_dir: Path, jvp_mode: str):
+    meanflow = pytest.importorskip("meanflow")
+    ref, nets = load_reference(fixtures_dir)
+    inp, settings = ref["inputs"], ref["loss_settings"]
+    net = nets["net"]
+    net.zero_grad(set_to_none=True)
+    method = meanflow.MeanFlow(norm_p=settings["norm_p"], norm_eps=settings["norm_eps"], jvp_mode=jvp_mode)
+    loss = method.loss(net, inp["x"], inp["aug_cond"], noise=inp["e"], t=inp["t"], r=inp["r"])
+    assert rel_err(loss.detach(), ref["outputs"]["loss"]) < 1e-4
+    loss.backward()
+    grads = {name: p.grad for name, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    assert set(grads) == set(ref["grads"])
+    errors = {name: rel_err(grads[name], g) for name, g in ref["grads"].items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-3, f"{worst}: relative gradient error {errors[worst]:.2e}"
+
+
+def test_one_step_sample_matches_release(fixtures_dir: Path):
+    meanflow = pytest.importorskip("meanflow")
+    ref, nets = load_reference(fixtures_dir)
+    images = meanflow.sample(nets["net_ema1"], ref["inputs"]["noise"], steps=1)
+    assert rel_err(images, ref["outputs"]["sample_1step_net_ema1"]) < 1e-4
+
+
+# ---------------------------------------------------------------- forward-mode AD
+
+def test_jvp_matches_finite_differences():
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**TINY)).double().eval()
+    z, v, t, r, aug = tiny_inputs(torch.float64)
+
+    def u_fn(z_, t_, r_):
+        return net(z_, t_, t_ - r_, aug_cond=aug)
+
+    u, dudt = torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    eps = 1e-5
+    with torch.no_grad():
+        fd = (u_fn(z + eps * v, t + eps, r) - u_fn(z - eps * v, t - eps, r)) / (2 * eps)
+        assert torch.equal(u, u_fn(z, t, r))
+    assert dudt.abs().max() > 1e-3  # the check below is not vacuous
+    assert rel_err(dudt, fd) < 1e-6
+
+
+def test_gradient_through_jvp_matches_finite_differences():
+    """The MeanFlow loss back-propagates through the JVP: check d/dtheta of a functional of (u, du/dt)."""
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**TINY)).double().eval()
+    z, v, t, r, aug = tiny_inputs(torch.float64)
+    gen = torch.Generator().manual_seed(2)
+    w_u, w_d = (torch.randn(z.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    params = dict(net.named_parameters())
+    direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+
+    def objective(theta: dict) -> torch.Tensor:
+        def u_fn(z_, t_, r_):
+            return torch.func.functional_call(net, theta, (z_, t_, t_ - r_), dict(aug_cond=aug))
+        u, dudt = torch.func.jvp(u_fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+        return (w_u * u).sum() + (w_d * dudt).sum()
+
+    grads = torch.autograd.grad(objective(params), list(params.values()))
+    analytic = sum((g * direction[k]).sum() for g, k in zip(grads, params))
+    eps = 1e-6
+    with torch.no_grad():
+        plus = objective({k: p + eps * direction[k] for k, p in params.items()})
+        minus = objective({k: p - eps * direction[k] for k, p in params.items()})
+    numeric = (plus - minus) / (2 * eps)
+    assert abs(analytic - numeric) / abs(numeric) < 1e-6
+
+
+def test_compiled_jvp_and_backward_match_eager():
+    """Dynamo + AOTAutograd trace the JVP and its backward as one graph (no graph breaks).
+
+    The "aot_eager" backend keeps this test at ~10 s on one CPU core; inductor code generation
+    for the same graph takes minutes on CPU. Tracing is where a layer without a compilable
+    forward-AD rule fails (F.group_norm does, pytorch/pytorch#152185).
+    """
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**{**TINY, "num_blocks": 0})).eval()
+    z, v, t, r, aug = tiny_inputs()
+
+    def loss_fn(z_, v_, t_, r_):
+        u, dudt = torch.func.jvp(lambda a, b, c: net(a, b, b - c, aug_cond=aug),
+                                 (z_, t_, r_), (v_, torch.ones_like(t_), torch.zeros_like(r_)))
+        return (u - (v_ - (t_ - r_)[:, None, None, None] * dudt).detach()).square().mean()
+
+    def loss_and_grads(fn):
+        net.zero_grad(set_to_none=True)
+        loss = fn(z, v, t, r)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(loss_fn)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    assert rel_err(compiled_loss, eager_loss) < 1e-5
+    for got, want in zip(compiled_grads, eager_grads):
+        assert rel_err(got, want) < 1e-4
+
+
+# ---------------------------------------------------------------- building blocks
+
+def test_group_norm_equals_torch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 5, 5, generator=gen)
+    weight, bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    torch.testing.assert_close(group_norm(x, 4, weight, bias, 1e-6), F.group_norm(x, 4, weight, bias, 1e-6))
+
+
+def test_self_attention_equals_sdpa():
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, ch, length = 2, 2, 4, 6
+    qkv = torch.randn(batch, 3 * heads * ch, length, generator=gen)
+    q, k, v = (y.reshape(batch, heads, ch, length).transpose(2, 3) for y in qkv.chunk(3, dim=1))
+    want = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(batch, heads * ch, length)
+    torch.testing.assert_close(self_attention(qkv, heads), want)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(embedding_type="fourier", encoder_type="residual", decoder_type="skip"),
+    dict(encoder_type="skip", decoder_type="skip", resample_filter=[1, 1]),
+    dict(label_dim=5, label_dropout=0.5),
+])
+def test_variants_run(variant: dict):
+    torch.manual_seed(0)
+    net = SongUNet(**{**TINY, **variant})
+    z, v, t, r, aug = tiny_inputs()
+    labels = F.one_hot(torch.tensor([1, 3]), 5).float() if variant.get("label_dim") else None
+    u, dudt = torch.func.jvp(lambda z_: net(z_, t, t - r, aug_cond=aug, class_labels=labels), (z,), (v,))
+    assert u.shape == dudt.shape == z.shape[:1] + (TINY["out_channels"],) + z.shape[2:]
+    assert torch.isfinite(u).all() and torch.isfinite(dudt).all()
+
+
+def test_scalar_times_broadcast_over_batch():
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**TINY)).eval()
+    z, _, _, _, _ = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(net(z, torch.tensor(0.7), torch.tensor(0.2)),
+                                   net(z, torch.full((2,), 0.7), torch.full((2,), 0.2)))
+
+
+# ---------------------------------------------------------------- bad arguments and inputs
+
+def test_resolution_not_divisible_by_levels():
+    with pytest.raises(ValueError, match=r"img_resolution=36.*2\*\*\(len\(channel_mult\)-1\)=8"):
+        SongUNet(img_resolution=36, in_channels=3, out_channels=3, channel_mult=[1, 2, 2, 2])
+
+
+@pytest.mark.parametrize("kwarg", [dict(embedding_type="sinusoidal"), dict(encoder_type="unet"),
+                                   dict(decoder_type="residual")])
+def test_unknown_architecture_names(kwarg: dict):
+    name, value = next(iter(kwarg.items()))
+    with pytest.raises(ValueError, match=f"{name}='{value}'"):
+        SongUNet(**{**TINY, **kwarg})
+
+
+def test_bad_channel_count_for_group_norm():
+    with pytest.raises(ValueError, match="GroupNorm"):
+        SongUNet(**{**TINY, "model_channels": 2})
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 16, 16), (2, 3, 8, 8), (2, 2, 8), (2, 2, 8, 4)])
+def test_wrong_input_shape(shape: tuple):
+    net = SongUNet(**TINY)
+    with pytest.raises(ValueError, match=r"expects x of shape \[B, 2, 8, 8\]"):
+        net(torch.zeros(shape), torch.ones(2), torch.ones(2))
+
+
+def test_wrong_time_and_label_shapes():
+    net = SongUNet(**TINY)
+    z = torch.zeros(2, 2, 8, 8)
+    with pytest.raises(ValueError, match="t must hold one value per sample"):
+        net(z, torch.ones(3), torch.ones(2))
+    with pytest.raises(ValueError, match=r"aug_cond must have shape \[2, 3\]"):
+        net(z, torch.ones(2), torch.ones(2), aug_cond=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="label_dim=0"):
+        net(z, torch.ones(2), torch.ones(2), class_labels=torch.zeros(2, 4))
+    conditional = SongUNet(**{**TINY, "label_dim": 4})
+    with pytest.raises(ValueError, match="class-conditional"):
+        conditional(z, torch.ones(2), torch.ones(2))
