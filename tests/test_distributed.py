@@ -1,0 +1,128 @@
+"""utils/distributed.py: two CPU processes over gloo, started like torchrun would start them."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup, first_slurm_host,
+                               init_distributed, is_main, parse_slurm_env)
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenario, world: int = WORLD) -> None:
+    """Run scenario(env) in `world` processes with torchrun's environment variables; failures re-raise here."""
+    mp.start_processes(_entry, args=(world, _free_port(), scenario), nprocs=world, join=True, start_method="spawn")
+
+
+def _entry(rank: int, world: int, port: int, scenario) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = init_distributed(device="cpu", timeout_s=60)
+    try:
+        scenario(env)
+    finally:
+        cleanup()
+
+
+def _params(rank: int) -> dict[str, torch.nn.Parameter]:
+    """Parameters of several shapes and dtypes; gradients depend on the rank, all exactly representable."""
+    shapes = {"a": ([3, 5], torch.float32), "b": ([7], torch.float64), "c": ([2, 2, 2], torch.float16),
+              "d": ([4, 3], torch.float32), "e": ([6], torch.float32), "none_everywhere": ([2], torch.float32)}
+    params = {}
+    for i, (name, (shape, dtype)) in enumerate(shapes.items()):
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        if name != "none_everywhere" and not (name == "e" and rank == 1):
+            p.grad = (torch.arange(p.numel(), dtype=dtype).view(shape) + i) * (rank + 1)
+        params[name] = p
+    return params
+
+
+def _scenario_env_and_gradsync(env) -> None:
+    assert (env.rank, env.world_size, env.local_rank) == (int(os.environ["RANK"]), WORLD, env.rank)
+    assert env.device == torch.device("cpu") and env.backend == "gloo"
+    assert torch.distributed.get_world_size() == WORLD
+    assert is_main() == (env.rank == 0)
+    assert all_reduce_mean(torch.tensor([float(env.rank)])).item() == 0.5
+
+    params = _params(env.rank)
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    sync = GradSync([*params.values(), frozen], bucket_cap_mb=64 / 2 ** 20)  # 64-byte buckets
+    assert len(sync.buckets) >= 4
+    sync()
+    for i, (name, p) in enumerate(params.items()):
+        base = torch.arange(p.numel(), dtype=p.dtype).view(p.shape) + i
+        if name == "none_everywhere":
+            assert p.grad is None
+        elif name == "e":  # rank 1 had no gradient: it counts as zeros in the mean
+            torch.testing.assert_close(p.grad, base * 1 / WORLD, rtol=0, atol=0)
+        else:  # mean of 1x and 2x the base gradient
+            torch.testing.assert_close(p.grad, base * 1.5, rtol=0, atol=0)
+    assert frozen.grad is None
+
+
+def _scenario_consistency(env) -> None:
+    torch.manual_seed(0)  # same weights on both ranks
+    weights = {name: torch.randn(shape) for name, shape in [("w", (4, 4)), ("b", (4,)), ("g", (3, 2))]}
+    check_consistency(weights.items(), what="weight", step=7)
+    grads = {name: w.clone() for name, w in weights.items()}
+    if env.rank == 1:  # the smallest possible change of one element
+        grads["b"][2] = torch.nextafter(grads["b"][2], torch.tensor(float("inf")))
+    with pytest.raises(RuntimeError) as err:
+        check_consistency(grads.items(), what="gradient", step=7)
+    message = str(err.value)
+    assert "rank 1" in message and "'b'" in message and "gradient" in message and "step 7" in message, message
+
+
+def _scenario_all(env) -> None:
+    _scenario_env_and_gradsync(env)
+    _scenario_consistency(env)
+
+
+def test_two_ranks_env_gradsync_and_consistency():
+    """One launch for all two-process checks: starting processes costs most of the time."""
+    _launch(_scenario_all)
+
+
+def test_single_process_is_a_no_op(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    env = init_distributed(device="cpu")
+    assert (env.rank, env.world_size, env.local_rank, env.backend) == (0, 1, 0, None)
+    assert is_main() and not torch.distributed.is_initialized()
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    GradSync([p])()
+    assert p.grad.tolist() == [1.0, 2.0, 3.0]
+    check_consistency([("p", p)], what="weight", step=0)
+    assert all_reduce_mean(torch.tensor(2.0)).item() == 2.0
+
+
+def test_fingerprint_sees_swapped_elements():
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert not torch.equal(_fingerprint(x), _fingerprint(x.flip(0)))
+    assert torch.equal(_fingerprint(x), _fingerprint(x.clone()))
+
+
+def test_parse_slurm_env():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODELIST": "gpu[003-004]",
+           "SLURM_JOB_ID": "123456"}
+    info = parse_slurm_env(env, resolve_host=lambda nodes: {"gpu[003-004]": "gpu003"}[nodes])
+    assert info == dict(rank=5, world_size=8, local_rank=1, master_addr="gpu003", master_port=20000 + 123456 % 20000)
+    given = parse_slurm_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}, resolve_host=None)
+    assert (given["master_addr"], given["master_port"]) == ("10.0.0.1", 1234)
+
+
+@pytest.mark.parametrize("nodelist, first", [("node7", "node7"), ("gpu[003-005,9]", "gpu003"),
+                                             ("a01,b02", "a01"), ("n[10,2]", "n10")])
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first

@@ -1,0 +1,264 @@
+"""Multi-process set-up (torchrun, SLURM or a single process), gradient averaging and rank checks.
+
+Everything here also works in a single process without a process group: collectives become no-ops,
+so the training loop is written once.
+"""
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in the job."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when no process group was created (single process)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list without calling `scontrol`.
+
+    "gpu[003-005,9]" -> "gpu003"; "a01,b02" -> "a01"; "node7" -> "node7".
+    """
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]  # the first number keeps its zero padding
+
+
+def _scontrol_first_host(nodelist: str) -> str:
+    """Ask SLURM to expand the node list; fall back to our own parser where scontrol is missing."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return first_slurm_host(nodelist)
+
+
+def parse_slurm_env(environ: Mapping[str, str],
+                    resolve_host: Callable[[str], str] = _scontrol_first_host) -> dict:
+    """Rank layout and rendezvous address of a SLURM task (one process per task, `srun`).
+
+    Returns dict(rank, world_size, local_rank, master_addr, master_port). MASTER_ADDR/MASTER_PORT from
+    the environment win; otherwise the first host of SLURM_NODELIST and a port derived from the job id
+    (so that two jobs sharing a node do not collide).
+    """
+    rank = int(environ["SLURM_PROCID"])
+    world_size = int(environ["SLURM_NTASKS"])
+    local_rank = int(environ.get("SLURM_LOCALID", 0))
+    master_addr = environ.get("MASTER_ADDR")
+    if not master_addr:
+        nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST")
+                    or environ.get("SLURM_JOB_NODELIST"))
+        if not nodelist:
+            raise RuntimeError("SLURM run without SLURM_NODELIST or MASTER_ADDR: set MASTER_ADDR to the first node")
+        master_addr = resolve_host(nodelist)
+    master_port = int(environ.get("MASTER_PORT") or 20000 + int(environ.get("SLURM_JOB_ID", 9500)) % 20000)
+    return dict(rank=rank, world_size=world_size, local_rank=local_rank, master_addr=master_addr,
+                master_port=master_port)
+
+
+def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistEnv:
+    """Create the process group if the job has several processes; pick this process's device.
+
+    Launch styles: torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), `srun` under SLURM
+    (SLURM_PROCID, SLURM_NTASKS, ...), or a plain `python train.py` (single process, no group).
+    device: "cuda", "cpu" or None (cuda when available). NCCL on CUDA, gloo on CPU.
+    timeout_s: how long a collective may wait; long enough for one rank writing a checkpoint.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", 0))
+        init_method = "env://"
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        info = parse_slurm_env(env)
+        rank, world_size, local_rank = info["rank"], info["world_size"], info["local_rank"]
+        init_method = f"tcp://{info['master_addr']}:{info['master_port']}"
+    else:
+        rank, world_size, local_rank, init_method = 0, 1, 0, None
+
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available; pass --device cpu")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    elif kind == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"device must be 'cuda', 'cpu' or None, got {device!r}")
+
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the one that logs and writes files."""
+    return get_rank() == 0
+
+
+def _comm_device() -> torch.device:
+    """Device that collective buffers must live on for the current backend."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if _active():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def cleanup() -> None:
+    if _active():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks (a new tensor on x's device); x itself when single process."""
+    if not _active():
+        return x
+    y = x.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return (y / get_world_size()).to(x.device)
+
+
+class GradSync:
+    """Average `.grad` of `params` over ranks with a few large all-reduces instead of one per tensor.
+
+    Parameters are grouped in order into flat buckets of at most `bucket_cap_mb` (one dtype and device
+    per bucket; a larger tensor gets a bucket of its own). Each bucket ends with one flag per parameter
+    counting the ranks that had a gradient: a rank without a gradient contributes zeros, so all ranks
+    always run the same collectives, and a parameter without a gradient on every rank keeps `.grad = None`.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], bucket_cap_mb: float = 25.0):
+        self.params = [p for p in params if p.requires_grad]
+        self.world_size = get_world_size()
+        self.buckets: list[tuple[list[torch.nn.Parameter], torch.Tensor]] = []
+        if self.world_size == 1:
+            return
+        device = _comm_device()
+        cap = bucket_cap_mb * 2 ** 20
+        group: list[torch.nn.Parameter] = []
+        for p in self.params:
+            if group and (p.dtype != group[0].dtype
+                          or (sum(q.numel() for q in group) + p.numel()) * p.element_size() > cap):
+                self.buckets.append(self._make_bucket(group, device))
+                group = []
+            group.append(p)
+        if group:
+            self.buckets.append(self._make_bucket(group, device))
+
+    @staticmethod
+    def _make_bucket(group, device):
+        size = sum(p.numel() for p in group) + len(group)
+        return group, torch.zeros(size, dtype=group[0].dtype, device=device)
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.world_size == 1:
+            return
+        for group, flat in self.buckets:
+            flags = flat[-len(group):]
+            offset = 0
+            for i, p in enumerate(group):
+                n = p.numel()
+                if p.grad is None:
+                    flat[offset:offset + n].zero_()
+                    flags[i] = 0
+                else:
+                    flat[offset:offset + n].copy_(p.grad.reshape(-1))
+                    flags[i] = 1
+                offset += n
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            # Flags are integers <= world_size; read them before the division.
+            had_grad = (flags > 0).tolist()
+            flat.div_(self.world_size)
+            offset = 0
+            for p, has in zip(group, had_grad):
+                n = p.numel()
+                mean = flat[offset:offset + n].view(p.shape)
+                if p.grad is not None:
+                    p.grad.copy_(mean)
+                elif has:
+                    p.grad = mean.to(p.device, copy=True)
+                offset += n
+
+
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """[3] float64: sum, sum of squares and a position-weighted sum (catches swapped elements)."""
+    x = x.detach().reshape(-1).double()
+    weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).mul_(0.6180339887498949).frac_()
+    return torch.stack([x.sum(), x.square().sum(), (x * weights).sum()])
+
+
+def check_consistency(named_tensors: Iterable[tuple[str, torch.Tensor]], what: str, step: int) -> None:
+    """Raise on every rank if any tensor differs from rank 0's copy (bit-exact fingerprints).
+
+    named_tensors: e.g. `model.named_parameters()` or `((n, p.grad) for n, p in ...)`; a None tensor
+    counts as empty. what: "weight", "gradient", ... used in the message. All ranks see all fingerprints,
+    so they all raise the same error together instead of leaving some ranks waiting in a collective.
+    """
+    if not _active():
+        return
+    items = [(name, torch.zeros(0) if t is None else t) for name, t in named_tensors]
+    device = _comm_device()
+    world = get_world_size()
+    prints = torch.stack([_fingerprint(t).to(device) for _, t in items]) if items \
+        else torch.zeros(0, 3, dtype=torch.float64, device=device)
+
+    # Ranks must agree on how many tensors they compare before gathering them.
+    count = torch.tensor([len(items)], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    if len(set(counts)) > 1:
+        raise RuntimeError(f"{what} check at step {step}: ranks hold different numbers of tensors {counts}")
+
+    gathered = [torch.zeros_like(prints) for _ in range(world)]
+    dist.all_gather(gathered, prints)
+    # Compare bit patterns so that identical NaNs count as equal.
+    bits = [g.cpu().view(torch.int64) for g in gathered]
+    for rank in range(1, world):
+        differs = (bits[rank] != bits[0]).any(dim=1).nonzero().flatten().tolist()
+        if differs:
+            name = items[differs[0]][0]
+            raise RuntimeError(
+                f"{what} of parameter '{name}' differs between rank {rank} and rank 0 at step {step} "
+                f"({len(differs)} tensor(s) differ on rank {rank}); the ranks have diverged")
