@@ -190,35 +190,42 @@ class GradSync:
         size = sum(p.numel() for p in group) + len(group)
         return group, torch.zeros(size, dtype=group[0].dtype, device=device)
 
+    @staticmethod
+    def _views(group, flat) -> list[torch.Tensor]:
+        """flat's slice for each parameter, shaped like it."""
+        views, offset = [], 0
+        for p in group:
+            views.append(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return views
+
     @torch.no_grad()
     def __call__(self) -> None:
         if self.world_size == 1:
             return
         for group, flat in self.buckets:
+            views = self._views(group, flat)
+            has = [p.grad is not None for p in group]
             flags = flat[-len(group):]
-            offset = 0
-            for i, p in enumerate(group):
-                n = p.numel()
-                if p.grad is None:
-                    flat[offset:offset + n].zero_()
-                    flags[i] = 0
-                else:
-                    flat[offset:offset + n].copy_(p.grad.reshape(-1))
-                    flags[i] = 1
-                offset += n
+            # Flags from a host list: a host-to-device copy, which never waits for the device.
+            flags.copy_(torch.tensor(has, dtype=flat.dtype), non_blocking=True)
+            present = [(v, p.grad) for v, p, h in zip(views, group, has) if h]
+            if present:
+                torch._foreach_copy_([v for v, _ in present], [g.reshape(v.shape) for v, g in present])
+            for v, h in zip(views, has):
+                if not h:
+                    v.zero_()
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            # Flags are integers <= world_size; read them before the division.
-            had_grad = (flags > 0).tolist()
-            flat.div_(self.world_size)
-            offset = 0
-            for p, has in zip(group, had_grad):
-                n = p.numel()
-                mean = flat[offset:offset + n].view(p.shape)
-                if p.grad is not None:
-                    p.grad.copy_(mean)
-                elif has:
-                    p.grad = mean.to(p.device, copy=True)
-                offset += n
+            # Only a parameter without a local gradient needs to know whether another rank had one:
+            # reading the flags is a device-to-host sync, so it happens only then (never in training,
+            # where every rank has the same gradients present).
+            others = (flags > 0).tolist() if not all(has) else has
+            flat[:-len(group)].div_(self.world_size)
+            if present:
+                torch._foreach_copy_([g for _, g in present], [v.view_as(g) for v, g in present])
+            for p, v, h, other in zip(group, views, has, others):
+                if not h and other:
+                    p.grad = v.to(p.device, copy=True)
 
 
 def _fingerprint(x: torch.Tensor) -> torch.Tensor:
