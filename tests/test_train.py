@@ -1,0 +1,321 @@
+"""train.py: flags and presets, exact resume, world-size invariance, rank checks, bad input, outputs.
+
+Runs the `tiny` preset on CPU, in this process where that is faster and in subprocesses where a
+signal or torchrun is part of the test. Every run uses one thread, so repeated runs do the same
+arithmetic in the same order.
+"""
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from utils import checkpoint as ckpt_io
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--not_compile", "--device", "cpu"]
+# The release's scripts/cifar10_v1.sh after `torchrun ... train.py`, flag for flag.
+RELEASE_V1_FLAGS = [
+    "--output_dir=./tmp", "--dataset=cifar10", "--batch_size=128", "--lr=0.0006", "--eval_frequency=50",
+    "--epochs=16000", "--compute_fid", "--log_per_step=100", "--tr_sampler=v1", "--P_mean_t", "-0.6",
+    "--P_std_t", "1.6", "--P_mean_r", "-4.0", "--P_std_r", "1.6", "--warmup_epochs", "200", "--norm_p", "0.75",
+    "--ratio", "0.75", "--dropout", "0.2", "--use_edm_aug",
+]
+RELEASE_V1_VALUES = dict(
+    dataset="cifar10", batch_size=128, lr=0.0006, eval_frequency=50, epochs=16000, compute_fid=True,
+    log_per_step=100, tr_sampler="v1", P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0, P_std_r=1.6,
+    warmup_epochs=200, norm_p=0.75, ratio=0.75, dropout=0.2, use_edm_aug=True,
+)
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(*args: str) -> None:
+    """train.main in this process; it must succeed."""
+    assert train.main([*TINY, *args]) == 0
+
+
+def _state(out: Path) -> dict:
+    """Every tensor that must continue exactly: all networks, the EMA counter and Adam's moments."""
+    ckpt = torch.load(out / train.LAST, weights_only=True)
+    tensors = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    for i, s in ckpt["optimizer"]["state"].items():
+        tensors.update({f"adam.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
+    tensors["step"] = torch.tensor(ckpt["step"])
+    return tensors
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """8 uninterrupted tiny steps with dropout: the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("straight")
+    _train("--output_dir", str(out), "--dropout", "0.1")
+    return out
+
+
+# --------------------------------------------------------------------------- flags and presets
+
+
+def test_release_launch_flags_parse():
+    cfg = train.resolve_config(RELEASE_V1_FLAGS + ["--device", "cpu"])
+    assert {k: cfg[k] for k in RELEASE_V1_VALUES} == RELEASE_V1_VALUES
+    assert cfg["output_dir"] == "./tmp"
+    # Every other flag of the release parses too, with its argument form.
+    cfg = train.resolve_config([
+        "--device", "cpu", "--optimizer_betas", "0.9", "0.95", "--start_epoch", "3", "--world_size", "8",
+        "--local_rank", "0", "--dist_on_itp", "--dist_url", "env://", "--no_pin_mem", "--pin_mem",
+        "--save_fid_samples", "--test_run", "--arch", "unet", "--not_compile", "--num_workers", "4", "--eval_only",
+        "--fid_samples", "100", "--resume", "x.pth", "--ema_decay", "0.999", "--ema_decays", "0.99", "0.9",
+        "--seed", "3", "--data_path", "d", "--dataset", "mnist", "--norm_eps", "0.01",
+    ])
+    assert cfg["optimizer_betas"] == [0.9, 0.95] and cfg["pin_mem"] is True and cfg["compile"] is False
+    assert cfg["ema_decays"] == [0.99, 0.9] and cfg["test_run"] and cfg["eval_only"] and cfg["dataset"] == "mnist"
+
+
+def test_defaults_are_the_release_defaults():
+    cfg = train.resolve_config(["--device", "cpu"])
+    release = dict(batch_size=64, epochs=4000, lr=0.0006, optimizer_betas=[0.9, 0.999], warmup_epochs=200,
+                   dropout=0.2, ema_decay=0.9999, ema_decays=[0.99995, 0.9996], dataset="cifar10",
+                   output_dir="./output_dir", fid_samples=50000, eval_frequency=50, compute_fid=False,
+                   log_per_step=100, ratio=0.75, tr_sampler="v1", P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0,
+                   P_std_r=1.6, norm_p=0.75, norm_eps=1e-3, use_edm_aug=False, pin_mem=True, seed=0)
+    assert {k: cfg[k] for k in release} == release
+    assert cfg["compile"] is False  # on CPU; cuda turns it on
+
+
+def test_presets_resolve_and_flags_override():
+    v1 = train.resolve_config(["--preset", "cifar10-v1", "--device", "cpu"])
+    assert {k: v1[k] for k in RELEASE_V1_VALUES} == RELEASE_V1_VALUES
+    v0 = train.resolve_config(["--preset", "cifar10-v0", "--device", "cpu"])
+    sampler = ("tr_sampler", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r")
+    assert tuple(v0[k] for k in sampler) == ("v0", -2.0, 2.0, -2.0, 2.0)
+    cfg = train.resolve_config(["--preset", "cifar10-v1", "--device", "cpu", "--lr", "0.001", "--no_compute_fid",
+                                "--batch_size", "64", "--P_mean_t", "-0.6"])
+    assert (cfg["lr"], cfg["compute_fid"], cfg["batch_size"], cfg["P_mean_t"]) == (0.001, False, 64, -0.6)
+    assert train.resolve_config(["--preset", "digits"])["dataset"] == "digits"
+
+
+def test_lr_schedule_is_the_release_schedulers():
+    lr, warmup = 0.0006, 5
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.Adam(params, lr=lr)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-8 / lr, end_factor=1.0, total_iters=warmup)
+    const = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=100)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, const], milestones=[warmup])
+    for step in range(12):
+        assert train.lr_at(step, lr=lr, warmup_steps=warmup) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+
+
+# --------------------------------------------------------------------------- exact continuation
+
+
+def test_stop_and_rerun_continues_exactly(straight, tmp_path):
+    _train("--output_dir", str(tmp_path), "--dropout", "0.1", "--max_steps", "4")
+    assert torch.load(tmp_path / train.LAST, weights_only=True)["step"] == 4
+    _train("--output_dir", str(tmp_path), "--dropout", "0.1")
+    assert _max_diff(_state(straight), _state(tmp_path)) <= 1e-6  # in fact bit-identical
+
+
+def test_sigterm_then_rerun_continues_exactly(tmp_path):
+    cmd = [sys.executable, "train.py", *TINY, "--output_dir", str(tmp_path), "--dropout", "0.1",
+           "--max_steps", "24", "--log_per_step", "1", "--ckpt_every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 2/24"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(seen) + rest
+    assert proc.returncode == 0, log
+    assert "stopped by SIGTERM" in log, log
+    stopped_at = torch.load(tmp_path / train.LAST, weights_only=True)["step"]
+    assert 2 <= stopped_at < 24
+    subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=180)
+    straight = tmp_path / "straight"
+    _train("--output_dir", str(straight), "--dropout", "0.1", "--max_steps", "24", "--ckpt_every", "0")
+    assert _max_diff(_state(straight), _state(tmp_path)) <= 1e-6
+
+
+def test_release_checkpoint_resumes_at_its_epoch(straight, tmp_path):
+    ours = torch.load(straight / train.LAST, weights_only=True)
+    theirs = {"model": ours["model"], "optimizer": ours["optimizer"], "lr_schedule": {}, "epoch": 0,
+              "args": argparse.Namespace(lr=0.001)}
+    path = tmp_path / "release.pth"
+    torch.save(theirs, path)
+    spe = ours["data_position"]["steps_per_epoch"]
+    out = tmp_path / "out"
+    _train("--resume", str(path), "--output_dir", str(out), "--max_steps", str(spe + 2))
+    log = (out / "log.txt").read_text()
+    assert f"resumed from {path} at step {spe}" in log
+    assert torch.load(out / train.LAST, weights_only=True)["step"] == spe + 2
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(straight, tmp_path):
+    one = tmp_path / "one"
+    _train("--output_dir", str(one))  # dropout 0 (tiny preset), batch 8
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "train.py", *TINY, "--batch_size", "4", "--output_dir", str(two)]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The global batch, its augmentation, noise and (t, r) are identical; only the gradient
+    # reduction order differs (two half-batch means averaged vs one mean). That float32 round-off
+    # reaches the weights through Adam: measured 1.2e-7 after these 8 steps (one ulp of a weight
+    # near 1). It grows with the run: attention key biases have a true gradient of 0, so Adam
+    # normalises pure round-off into steps of size ~lr (1.7e-6 after 30 steps). 1e-6 leaves 8x margin.
+    assert _max_diff(_state(one), _state(two)) <= 1e-6
+
+
+def _tamper_worker(rank: int, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from utils.distributed import cleanup, init_distributed
+    env = init_distributed("cpu")
+    try:
+        trainer = train.Trainer(train.resolve_config([*TINY, "--output_dir", ""]), env)
+        trainer.forward_backward(0)
+        trainer.check_gradients(0)  # synchronised: passes
+        name, param = list(trainer.model.net.named_parameters())[3]
+        messages = []
+        if rank == 1:
+            param.grad.add_(1e-3)
+        try:
+            trainer.check_gradients(0)
+        except RuntimeError as e:
+            messages.append(str(e))
+        if rank == 1:
+            with torch.no_grad():
+                trainer.model.net_ema.enc["8x8_conv"].weight.mul_(1.5)
+        try:
+            trainer.check_weights(1)
+        except RuntimeError as e:
+            messages.append(str(e))
+        Path(result_dir, f"{rank}.txt").write_text(name + "\n" + "\n".join(messages))
+    finally:
+        cleanup()
+
+
+def test_consistency_check_names_rank_and_parameter(tmp_path):
+    torch.multiprocessing.spawn(_tamper_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        name, grad_msg, weight_msg = (tmp_path / f"{rank}.txt").read_text().split("\n")
+        assert "gradient" in grad_msg and f"'{name}'" in grad_msg and "rank 1" in grad_msg and "step 0" in grad_msg
+        assert "weight" in weight_msg and "'net_ema.enc.8x8_conv.weight'" in weight_msg and "rank 1" in weight_msg
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--batch_size", "0"], "--batch_size 0: must be a positive integer"),
+    (["--attn_resolutions", "16"], "--attn_resolutions [16]"),
+    (["--compute_fid"], "--compute_fid True"),
+])
+def test_bad_flags_fail_with_a_clear_message(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--output_dir", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_offline_fails_fast(tmp_path):
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    tic = time.time()
+    with pytest.raises(FileNotFoundError) as err:
+        train.main(["--device", "cpu", "--not_compile", "--data_path", str(empty), "--output_dir", str(out)])
+    assert time.time() - tic < 60
+    assert "cifar-10-python.tar.gz" in str(err.value) and "--data_path" in str(err.value)
+    assert not list(out.glob("*.pth"))
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RuntimeError, match="cannot write to --output_dir"):
+        train.main([*TINY, "--output_dir", str(blocker / "run")])
+
+
+def test_truncated_last_checkpoint_is_reported_and_kept(straight, tmp_path):
+    data = (straight / train.LAST).read_bytes()
+    (tmp_path / train.LAST).write_bytes(data[: len(data) // 2])
+    with pytest.raises(RuntimeError, match="checkpoint-last.pth is truncated"):
+        train.main([*TINY, "--output_dir", str(tmp_path)])
+    assert (tmp_path / train.LAST).read_bytes() == data[: len(data) // 2]
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(straight, tmp_path):
+    (tmp_path / train.LAST).write_bytes((straight / train.LAST).read_bytes())  # a good run at step 8
+    before = (tmp_path / train.LAST).read_bytes()
+    # Steps of size lr = 1e30 overflow the activations within a step or two.
+    with pytest.raises(RuntimeError, match="non-finite.*stopping without saving.*step 8.*left untouched"):
+        train.main([*TINY, "--output_dir", str(tmp_path), "--dropout", "0.1", "--lr", "1e30", "--max_steps", "16"])
+    assert (tmp_path / train.LAST).read_bytes() == before
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_tiny_run_writes_logs_config_and_checkpoint(straight):
+    assert list(straight.glob("events.out.tfevents.*"))
+    cfg = (straight / "config.json").read_text()
+    assert '"preset": "tiny"' in cfg and '"total_steps": 8' in cfg
+    assert list((straight / "samples").glob("step00000008_net_ema*.png"))
+    ckpt = ckpt_io.load_checkpoint(straight / train.LAST)
+    prefixes = {k.split(".")[0] for k in ckpt["model"]}
+    assert prefixes == {"num_updates", "net", "net_ema", "net_ema1", "net_ema2"}
+    assert int(ckpt["model"]["num_updates"]) == ckpt["step"] == 8
+    assert ckpt["format"] == train.CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
+    net = ckpt_io.load_network(ckpt, ema="net_ema1")
+    assert net.state_dict().keys() == {k[len("net."):] for k in ckpt["model"] if k.startswith("net.")}
+    log = (straight / "log.txt").read_text()
+    assert "step 8/8" in log and "digits quality of net_ema" in log
+
+
+def test_digits_quality_separates_real_from_noise():
+    from utils.data import load_dataset
+    from utils.digits_quality import DigitsQuality
+    quality = DigitsQuality()
+    real = quality.real_score()
+    assert quality.accuracy > 0.95 and real["count"] == 297
+    assert real["fd"] < 2 and real["confidence"] > 0.9 and real["classes"] > 9.5
+    noise = quality.score(torch.rand(297, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert noise["fd"] > 20 * real["fd"] and noise["classes"] < 5
+    assert quality.score(torch.full((297, 1, 8, 8), -1.0))["classes"] == 1.0  # blank images: one class
+    train = quality.score(load_dataset("digits", train=True)[:297])
+    assert train["fd"] < 2
