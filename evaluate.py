@@ -1,0 +1,196 @@
+"""FID of a MeanFlow checkpoint (ours or the authors'), and the reference-statistics tool.
+
+    python evaluate.py --ckpt model.pth --steps 1 2 --ema all --out results.json
+    torchrun --nproc_per_node 8 evaluate.py --ckpt model.pth --ema net_ema1
+    python evaluate.py ref --dataset cifar10 --data_path ./data
+
+Protocol: ``--fid_samples`` samples (50,000 by default) per network and number of steps, each from
+noise seeded by (seed, sample index), quantised to uint8 by rounding, against the Inception
+statistics of the whole training set (computed once and cached, or given with --ref).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from sample import HelpFormatter, load_model, parse_model_config
+from utils.checkpoint import available_networks, load_checkpoint
+from utils.distributed import cleanup, init_distributed
+from utils.fid import (
+    WEIGHTS_ENV,
+    WEIGHTS_FILE,
+    InceptionFeatures,
+    fid_of_network,
+    load_stats,
+    reference_key,
+    reference_path,
+    reference_stats,
+    save_stats,
+)
+
+
+def checkpoint_dataset(ckpt: dict) -> str | None:
+    """Training dataset recorded in a checkpoint (ours: config['dataset']; the authors': args.dataset)."""
+    config = ckpt.get("config")
+    if isinstance(config, dict) and config.get("dataset"):
+        return str(config["dataset"])
+    return getattr(ckpt.get("args"), "dataset", None)
+
+
+def ema_decays(ckpt: dict) -> dict:
+    """{network name: EMA decay} as far as the checkpoint records them (ours: ema_decays; the authors': args)."""
+    if isinstance(ckpt.get("ema_decays"), dict):
+        return dict(ckpt["ema_decays"])
+    args = ckpt.get("args")
+    if args is not None and hasattr(args, "ema_decay"):
+        extra = list(getattr(args, "ema_decays", []))
+        return {name: d for name, d in zip(["net_ema"] + [f"net_ema{i + 1}" for i in range(len(extra))],
+                                          [args.ema_decay] + extra)}
+    return {}
+
+
+def select_networks(ckpt: dict, requested: list[str]) -> list[str]:
+    """Expand --ema: 'all' means every EMA copy (net_ema*), or the raw network if there is none."""
+    available = available_networks(ckpt)
+    if requested == ["all"]:
+        emas = [n for n in available if n.startswith("net_ema")]
+        return emas or available
+    missing = [n for n in requested if n not in available]
+    if missing:
+        raise ValueError(f"--ema {' '.join(missing)}: not in the checkpoint; available: {available} or 'all'")
+    return requested
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of FID rows (ema, decay, steps, fid)."""
+    lines = [f"{'network':<10} {'decay':>8} {'steps':>5} {'FID':>9}"]
+    for r in rows:
+        decay = "-" if r["decay"] is None else f"{r['decay']:g}"
+        lines.append(f"{r['ema']:<10} {decay:>8} {r['steps']:>5} {r['fid']:>9.3f}")
+    return "\n".join(lines)
+
+
+def run_fid(args: argparse.Namespace) -> list[dict]:
+    dist = init_distributed(args.device)
+    main = dist.rank == 0
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        names = select_networks(ckpt, args.ema)
+        extractor = InceptionFeatures(args.inception_weights, device=dist.device, download=not args.no_download)
+        if args.ref:
+            ref = load_stats(args.ref)
+            ref_name = args.ref
+        else:
+            dataset = args.dataset or checkpoint_dataset(ckpt)
+            if not dataset:
+                raise ValueError(f"{args.ckpt} does not record its dataset: pass --dataset or --ref FILE.npz")
+            ref = reference_stats(dataset, data_path=args.data_path, split="train", extractor=extractor,
+                                  cache_dir=args.cache_dir, dist=dist, batch_size=args.batch_size,
+                                  download=not args.no_download)
+            ref_name = reference_path(dataset, split="train", extractor=extractor,
+                                      cache_dir=args.cache_dir or os.path.join(args.data_path, "fid_refs"))
+        decays = ema_decays(ckpt)
+        config = parse_model_config(args.model_config)
+        rows = []
+        for name in names:
+            net, shape = load_model(ckpt, ema=name, model_config=config, device=dist.device)
+            for steps in args.steps:
+                fid = fid_of_network(net, ref=ref, num_samples=args.fid_samples, batch_size=args.batch_size,
+                                     img_shape=shape, seed=args.seed, steps=steps, extractor=extractor,
+                                     device=dist.device, dist=dist, progress=main)
+                rows.append(dict(ema=name, decay=decays.get(name), steps=steps, fid=fid))
+                if main:
+                    print(f"{name} {steps}-step FID {fid:.3f}", flush=True)
+        if main:
+            print(format_table(rows))
+            if args.out:
+                result = dict(ckpt=args.ckpt, ref=ref_name, extractor=extractor.key, fid_samples=args.fid_samples,
+                              seed=args.seed, world_size=dist.world_size, results=rows)
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=2)
+                print(f"wrote {args.out}")
+        return rows
+    finally:
+        cleanup()
+
+
+def run_ref(args: argparse.Namespace) -> None:
+    dist = init_distributed(args.device)
+    try:
+        extractor = InceptionFeatures(args.inception_weights, device=dist.device, download=not args.no_download)
+        cache_dir = args.cache_dir or os.path.join(args.data_path, "fid_refs")
+        mu, sigma = reference_stats(args.dataset, data_path=args.data_path, split=args.split, extractor=extractor,
+                                    cache_dir=cache_dir, dist=dist, batch_size=args.batch_size,
+                                    download=not args.no_download)
+        if dist.rank == 0:
+            cached = reference_path(args.dataset, split=args.split, extractor=extractor, cache_dir=cache_dir)
+            print(f"reference statistics ({mu.shape[0]}-d features) cached at {cached}")
+            if args.out:
+                save_stats(args.out, mu, sigma, key=reference_key(args.dataset, args.split, extractor))
+                print(f"wrote {args.out}")
+    finally:
+        cleanup()
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data_path", default="./data", help="dataset folder")
+    p.add_argument("--cache_dir", default=None, help="reference-statistics cache (default: <data_path>/fid_refs)")
+    p.add_argument("--inception_weights", default=None,
+                   help=f"local copy of {WEIGHTS_FILE} (else ${WEIGHTS_ENV}, the torch.hub cache, or a download)")
+    p.add_argument("--no_download", action="store_true", help="never fetch the Inception weights or the dataset")
+    p.add_argument("--batch_size", type=int, default=250, help="images per batch and process")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+
+
+def fid_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="FID of MeanFlow samples for each chosen network and number of steps; prints a table "
+        "and writes it as JSON. Run with torchrun to split the samples over processes.",
+        epilog="Reference statistics: `python evaluate.py ref --help`.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint (ours or the authors' CIFAR-10 .pth)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1], help="numbers of sampling steps to evaluate")
+    p.add_argument("--ema", nargs="+", default=["all"], help="networks: 'all' (every EMA copy) or names "
+                   "such as net_ema net_ema1 net")
+    p.add_argument("--fid_samples", type=int, default=50000, help="generated images per FID")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
+    p.add_argument("--ref", default=None, help="reference .npz with mu, sigma (e.g. EDM's cifar10-32x32.npz); "
+                   "default: the cached statistics of the checkpoint's training set")
+    p.add_argument("--dataset", default=None, help="dataset of the reference statistics (default: the checkpoint's)")
+    p.add_argument("--model_config", default=None, help="SongUNet kwargs as JSON for checkpoints without a config")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    _add_common(p)
+    return p
+
+
+def ref_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evaluate.py ref",
+        description="Compute the Inception statistics (mu, sigma) of a dataset split once and cache them as "
+        "<cache_dir>/<dataset>-<split>-<extractor>.npz.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, choices=["cifar10", "mnist", "digits"], help="dataset")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="split (FID uses train)")
+    p.add_argument("--out", default=None, help="also write the statistics to this .npz")
+    _add_common(p)
+    return p
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "ref":
+        return run_ref(ref_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "fid":
+        argv = argv[1:]
+    args = fid_parser().parse_args(argv)
+    if args.fid_samples < 2 or min(args.steps) < 1:
+        fid_parser().error("--fid_samples must be >= 2 and --steps >= 1")
+    return run_fid(args)
+
+
+if __name__ == "__main__":
+    main()

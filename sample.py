@@ -1,0 +1,199 @@
+"""Draw MeanFlow samples from a checkpoint (ours or the authors'): a .npz of uint8 images and/or a PNG grid.
+
+    python sample.py --ckpt output_digits/checkpoint-last.pth --num_samples 64 --grid samples.png
+    torchrun --nproc_per_node 8 sample.py --ckpt model.pth --num_samples 50000 --ema net_ema1 --out samples.npz
+
+The .npz holds N x H x W x C uint8 images under ``arr_0`` (the ADM/EDM evaluators' format). Sample i
+comes from noise seeded by (seed, i), so the file does not depend on batch size or process count.
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed
+import torch.nn.functional as F
+from PIL import Image
+
+from utils.checkpoint import infer_unet_config, load_checkpoint, load_network
+from utils.distributed import cleanup, init_distributed
+from utils.fid import generate, shard
+
+
+def network_config(ckpt: dict, *, ema: str = "net_ema", model_config: dict | None = None) -> dict:
+    """SongUNet kwargs of network ``ema``, chosen as load_network does (file, given, inferred)."""
+    if ckpt.get("model_config"):
+        return ckpt["model_config"]
+    if model_config:
+        return model_config
+    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
+    prefix = ema + "."
+    return infer_unet_config({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def image_shape(config: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the images a SongUNet config generates."""
+    return (int(config["in_channels"]), int(config["img_resolution"]), int(config["img_resolution"]))
+
+
+def load_model(
+    ckpt,
+    *,
+    ema: str = "net_ema",
+    model_config: dict | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """(network in eval mode, image shape (C, H, W)) from a checkpoint path or loaded dict."""
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    net = load_network(ckpt, ema=ema, model_config=model_config, device=device)
+    return net, image_shape(network_config(ckpt, ema=ema, model_config=model_config))
+
+
+def sample_images(
+    net,
+    *,
+    num_samples: int,
+    img_shape: tuple[int, int, int],
+    seed: int = 0,
+    steps: int = 1,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    dist=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """uint8 [N, C, H, W] samples 0..N-1 of ``net``; with ``dist`` each rank draws its share and
+    rank 0 returns all of them (the other ranks return their own share)."""
+    from tqdm.auto import tqdm
+
+    indices = shard(num_samples, dist)
+    parts = []
+    with tqdm(total=len(indices), desc=f"{steps}-step samples", unit="img", disable=not progress) as bar:
+        for batch, images in generate(
+            net, indices, seed=seed, img_shape=img_shape, steps=steps, batch_size=batch_size, device=device
+        ):
+            parts.append(images.cpu())
+            bar.update(len(batch))
+    local = torch.cat(parts) if parts else torch.empty((0, *img_shape), dtype=torch.uint8)
+    if dist is None or dist.world_size <= 1:
+        return local
+    gathered = [None] * dist.world_size if dist.rank == 0 else None
+    torch.distributed.gather_object(local.numpy(), gathered, dst=0)
+    if dist.rank != 0:
+        return local
+    # Shares are contiguous and in rank order, so concatenation restores sample order.
+    return torch.from_numpy(np.concatenate(gathered))
+
+
+def image_grid(images: torch.Tensor, *, nrow: int | None = None, min_cell: int = 32, padding: int = 2) -> Image.Image:
+    """PIL image of uint8 [N, C, H, W] images (C = 1 or 3) in a grid of ``nrow`` columns.
+
+    Images smaller than ``min_cell`` pixels are enlarged by an integer factor (nearest neighbour).
+    """
+    from torchvision.utils import make_grid
+
+    n, c, h, w = images.shape
+    if images.dtype != torch.uint8 or c not in (1, 3):
+        raise ValueError(f"expected uint8 images [N, 1|3, H, W], got {images.dtype} {tuple(images.shape)}")
+    scale = max(1, math.ceil(min_cell / max(h, w)))
+    x = images.float()
+    if scale > 1:
+        x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    nrow = nrow or math.ceil(math.sqrt(n))
+    grid = make_grid(x, nrow=nrow, padding=padding, pad_value=255.0)
+    return Image.fromarray(grid.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def save_npz(path: str, images: torch.Tensor) -> None:
+    """Write uint8 [N, C, H, W] as N x H x W x C under ``arr_0``, atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def parse_model_config(text: str | None) -> dict | None:
+    """--model_config: a JSON object or the path of a JSON file."""
+    if not text:
+        return None
+    if os.path.isfile(text):
+        with open(text) as f:
+            return json.load(f)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model_config {text!r} is neither a JSON file nor a JSON object ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"--model_config must be a JSON object of SongUNet arguments, got {text!r}")
+    return config
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except unset ones (None) and off switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Sample a MeanFlow checkpoint (ours or the authors' CIFAR-10 release). "
+        "Run with torchrun to split the samples over processes.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
+    p.add_argument("--num_samples", type=int, default=64, help="number of images")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one network evaluation)")
+    p.add_argument("--ema", default="net_ema", help="network in the checkpoint: net, net_ema, net_ema1, ...")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
+    p.add_argument("--out", default=None, help="output .npz (uint8 N x H x W x C under arr_0)")
+    p.add_argument("--grid", default=None, help="output PNG with a grid of the first --grid_count images")
+    p.add_argument("--grid_count", type=int, default=100, help="images in the grid")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process")
+    p.add_argument("--model_config", default=None,
+                   help="SongUNet kwargs as JSON (or a JSON file) for checkpoints without a stored config; "
+                   "inferred from the weights when omitted")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    args = p.parse_args(argv)
+    if not args.out and not args.grid:
+        p.error("nothing to write: give --out FILE.npz and/or --grid FILE.png")
+    if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
+        p.error("--num_samples, --steps and --batch_size must be >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dist = init_distributed(args.device)
+    try:
+        net, shape = load_model(args.ckpt, ema=args.ema, model_config=parse_model_config(args.model_config),
+                                device=dist.device)
+        images = sample_images(
+            net, num_samples=args.num_samples, img_shape=shape, seed=args.seed, steps=args.steps,
+            batch_size=args.batch_size, device=dist.device, dist=dist, progress=dist.rank == 0,
+        )
+        if dist.rank == 0:
+            if args.out:
+                save_npz(args.out, images)
+                print(f"wrote {images.shape[0]} images {tuple(images.shape[1:])} to {args.out}")
+            if args.grid:
+                image_grid(images[: args.grid_count]).save(args.grid)
+                print(f"wrote a grid of {min(args.grid_count, images.shape[0])} images to {args.grid}")
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""utils/fid.py: Frechet distance against closed forms, statistics sharding, reference cache, Inception loading."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed
+import torch.multiprocessing as mp
+
+import utils.fid as fid
+from utils.distributed import DistEnv
+
+
+class FakeExtractor:
+    """12 features per image: the mean of each channel over a 2 x 2 grid of cells. Counts its calls."""
+
+    def __init__(self, key: str = "fake-v1"):
+        self.key = key
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.dtype == torch.uint8 and images.shape[1] == 3
+        self.calls += 1
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1)
+
+
+def toy_net(z, t, h, aug_cond=None):
+    """A fixed smooth map standing in for a network: u depends on z and on t, h."""
+    return 0.6 * z + 0.2 * torch.sin(3 * z) * (t + h).view(-1, 1, 1, 1)
+
+
+def random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.standard_normal((d, d))
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+
+def test_frechet_matches_eigen_formula_on_random_spd():
+    rng = np.random.default_rng(0)
+    for d in (1, 3, 8):
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        s1, s2 = random_spd(rng, d), random_spd(rng, d)
+        # tr((s1 s2)^(1/2)) = tr((s1^(1/2) s2 s1^(1/2))^(1/2)): square roots of a symmetric matrix's eigenvalues.
+        w, v = np.linalg.eigh(s1)
+        root1 = v @ np.diag(np.sqrt(w)) @ v.T
+        tr_covmean = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)).sum()
+        expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_frechet_diagonal_closed_form_and_zero():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
+    s1, s2 = rng.uniform(0.1, 2.0, 5), rng.uniform(0.1, 2.0, 5)
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+    s = random_spd(rng, 6)
+    assert abs(fid.frechet_distance(mu1[:1].repeat(6), s, mu1[:1].repeat(6), s)) < 1e-8
+    # Tensors are accepted too.
+    assert fid.frechet_distance(torch.tensor(mu1), torch.tensor(np.diag(s1)), mu2, np.diag(s2)) == pytest.approx(expected)
+
+
+def test_frechet_retries_with_offset_when_sqrtm_fails(monkeypatch):
+    calls = []
+    real = fid.scipy.linalg.sqrtm
+
+    def flaky(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real(a)
+
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", flaky)
+    s = np.diag([1.0, 4.0])
+    value = fid.frechet_distance(np.zeros(2), s, np.zeros(2), s)
+    assert len(calls) == 2 and np.allclose(calls[1], (s + 1e-6 * np.eye(2)) @ (s + 1e-6 * np.eye(2)))
+    assert abs(value) < 1e-5
+
+
+def test_frechet_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shapes"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+# ---------------------------------------------------------------- quantisation, noise, statistics
+
+
+def test_to_uint8_rounds_like_edm():
+    levels = torch.arange(256, dtype=torch.float32)
+    assert torch.equal(fid.to_uint8(levels / 127.5 - 1).long(), levels.long())
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, (100.6 / 127.5) - 1])
+    assert fid.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 101]
+
+
+def test_sample_noise_depends_only_on_seed_and_index():
+    full = fid.sample_noise(3, torch.arange(6), (1, 2, 2))
+    part = fid.sample_noise(3, torch.tensor([4, 1]), (1, 2, 2))
+    assert full.shape == (6, 1, 2, 2) and torch.equal(part, full[[4, 1]])
+    assert not torch.equal(fid.sample_noise(4, torch.arange(6), (1, 2, 2)), full)
+
+
+def test_feature_stats_match_numpy_and_grey_images_become_rgb():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randint(0, 256, (20, 1, 6, 6), generator=g, dtype=torch.uint8)
+    ext = FakeExtractor()
+    stats = fid.FeatureStats()
+    for chunk in grey.split(7):
+        stats.add_images(chunk, ext)
+    mu, sigma = stats.mean_cov()
+    feats = ext(grey.expand(-1, 3, -1, -1)).double().numpy()
+    assert np.allclose(mu, feats.mean(0), rtol=1e-12) and np.allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-10)
+
+
+class EvalCheckNet(torch.nn.Module):
+    """A 1x1 convolution that fails if it is called in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, z, t, h, aug_cond=None):
+        assert not self.training
+        return self.conv(z)
+
+
+def test_fid_does_not_depend_on_batch_size_and_restores_train_mode():
+    ext = FakeExtractor()
+    ref = fid.dataset_stats(torch.rand(40, 3, 4, 4) * 2 - 1, extractor=ext, progress=False)
+    kw = dict(ref=ref, num_samples=30, img_shape=(3, 4, 4), seed=5, extractor=ext, progress=False)
+    a = fid.fid_of_network(toy_net, batch_size=7, **kw)
+    b = fid.fid_of_network(toy_net, batch_size=30, **kw)
+    assert a == pytest.approx(b, rel=1e-10) and a > 0
+    net = EvalCheckNet().train()
+    fid.fid_of_network(net, batch_size=16, **kw)
+    assert net.training
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        dist = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+        value = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=4, img_shape=(3, 4, 4), seed=2,
+                                   steps=2, extractor=FakeExtractor(), dist=dist, progress=False)
+        np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array(value))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fid_two_gloo_processes_equal_one(tmp_path):
+    ref = fid.dataset_stats(torch.rand(50, 3, 4, 4) * 2 - 1, extractor=FakeExtractor(), progress=False)
+    single = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=10, img_shape=(3, 4, 4), seed=2,
+                                steps=2, extractor=FakeExtractor(), progress=False)
+    mp.spawn(_fid_worker, args=(_free_port(), str(tmp_path), ref), nprocs=2, join=True)
+    values = [float(np.load(tmp_path / f"fid{r}.npy")) for r in range(2)]
+    assert values[0] == values[1]
+    assert values[0] == pytest.approx(single, rel=1e-9)
+
+
+# ---------------------------------------------------------------- reference statistics cache
+
+
+def test_reference_stats_cached_and_keyed(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    data = {"train": torch.randint(0, 256, (30, 1, 5, 5), generator=g, dtype=torch.uint8),
+            "test": torch.randint(0, 256, (25, 1, 5, 5), generator=g, dtype=torch.uint8)}
+    loads = []
+
+    def fake_load(name, data_path="./data", train=True, download=True):
+        loads.append((name, train))
+        return data["train" if train else "test"]
+
+    monkeypatch.setattr(fid, "load_dataset", fake_load)
+    ext = FakeExtractor("fake-v1")
+    kw = dict(data_path=str(tmp_path), cache_dir=str(tmp_path / "refs"), batch_size=8, progress=False)
+    mu, sigma = fid.reference_stats("toy", extractor=ext, **kw)
+    first_calls = ext.calls
+    assert first_calls == 4 and len(loads) == 1
+    path = fid.reference_path("toy", split="train", extractor=ext, cache_dir=str(tmp_path / "refs"))
+    with np.load(path) as f:
+        assert str(f["key"]) == "toy-train-fake-v1" and int(f["count"]) == 30 and set(f) >= {"mu", "sigma"}
+
+    mu2, sigma2 = fid.reference_stats("toy", extractor=ext, **kw)
+    assert ext.calls == first_calls and len(loads) == 1
+    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+
+    # Another split or extractor has another key: recomputed, not reused.
+    mu_test, _ = fid.reference_stats("toy", split="test", extractor=ext, **kw)
+    assert ext.calls == first_calls + 4 and not np.allclose(mu_test, mu)
+    other = FakeExtractor("fake-v2")
+    fid.reference_stats("toy", extractor=other, **kw)
+    assert other.calls == 4
+
+    # A file whose stored key disagrees with its name (stale or renamed) is recomputed and replaced.
+    fid.save_stats(path, mu + 1, sigma, key="something-else")
+    mu3, _ = fid.reference_stats("toy", extractor=ext, **kw)
+    assert np.allclose(mu3, mu) and ext.calls == first_calls + 8
+    # A file without a key (EDM's format, put there by hand) is used as it is.
+    np.savez(path, mu=mu + 1, sigma=sigma)
+    mu4, _ = fid.reference_stats("toy", extractor=ext, **kw)
+    assert np.allclose(mu4, mu + 1)
+
+
+def test_reference_stats_rejects_unknown_split():
+    with pytest.raises(ValueError, match="split"):
+        fid.reference_stats("toy", split="val", extractor=FakeExtractor(), cache_dir="unused")
+
+
+# ---------------------------------------------------------------- Inception weights
+
+
+def _random_inception_file(path, monkeypatch) -> None:
+    """Save torch-fidelity's own inception-v3-compat state dict (1008 classes) filled with random values."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    with monkeypatch.context() as m:
+        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            value = torch.rand(value.shape, generator=g) * 0.1 + (0.5 if name.endswith("running_var") else 0.0)
+        state[name] = value
+    assert state["fc.weight"].shape == (1008, 2048)
+    torch.save(state, path)
+
+
+def test_inception_loads_weights_file_and_gives_2048_features(tmp_path, monkeypatch):
+    path = tmp_path / fid.WEIGHTS_FILE
+    _random_inception_file(path, monkeypatch)
+    ext = fid.InceptionFeatures(weights_path=str(path))
+    assert ext.key == f"inception-v3-compat-{fid.file_digest(str(path))}"
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    feats = ext(images)
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and not torch.equal(feats[0], feats[1])
+    with pytest.raises(ValueError, match="uint8"):
+        ext(images.float())
+
+
+def test_inception_weights_found_via_env_and_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    local = tmp_path / "w.pth"
+    local.write_bytes(b"x")
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(local))
+    assert fid.resolve_inception_weights(download=False) == str(local)
+    monkeypatch.delenv(fid.WEIGHTS_ENV)
+
+    fetched = []
+
+    def fake_download(url, dst):
+        fetched.append(url)
+        with open(dst, "wb") as f:
+            f.write(b"y")
+
+    monkeypatch.setattr(fid, "_download", fake_download)
+    path = fid.resolve_inception_weights()
+    assert path == fid.default_weights_path() and path.startswith(str(tmp_path)) and fetched == [fid.WEIGHTS_URL]
+    assert fid.resolve_inception_weights(download=False) == path and len(fetched) == 1
+
+
+def test_inception_offline_error_names_file_and_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+
+    def offline(url, dst):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(fid, "_download", offline)
+    for call, error in [(lambda: fid.InceptionFeatures(), RuntimeError),
+                        (lambda: fid.InceptionFeatures(download=False), FileNotFoundError),
+                        (lambda: fid.InceptionFeatures(weights_path=str(tmp_path / "none.pth")), FileNotFoundError)]:
+        with pytest.raises(error) as info:
+            call()
+        message = str(info.value)
+        assert fid.WEIGHTS_FILE in message and "--inception_weights" in message and fid.WEIGHTS_ENV in message
+
+
+# ---------------------------------------------------------------- evaluate.py
+
+
+def test_evaluate_cli_table_json_and_ref_tool(fixtures_dir, tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    import evaluate
+
+    monkeypatch.setattr(evaluate, "InceptionFeatures", lambda *a, **k: FakeExtractor())
+    real = torch.randint(0, 256, (20, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    monkeypatch.setattr(fid, "load_dataset", lambda *a, **k: real)
+    common = ["--data_path", str(tmp_path), "--device", "cpu", "--batch_size", "4"]
+
+    evaluate.main(["ref", "--dataset", "digits", "--out", str(tmp_path / "copy.npz")] + common)
+    cached = tmp_path / "fid_refs" / "digits-train-fake-v1.npz"
+    assert cached.is_file() and np.allclose(np.load(tmp_path / "copy.npz")["mu"], np.load(cached)["mu"])
+
+    out = tmp_path / "results.json"
+    rows = evaluate.main(["--ckpt", str(fixtures_dir / "official_unet_small.pt"), "--fid_samples", "6",
+                          "--steps", "1", "2", "--ema", "all", "--dataset", "digits", "--out", str(out)] + common)
+    assert [(r["ema"], r["steps"]) for r in rows] == [(n, s) for n in ("net_ema", "net_ema1", "net_ema2") for s in (1, 2)]
+    assert json.loads(out.read_text())["results"] == rows
+    assert "net_ema1" in capsys.readouterr().out
+
+    # --ref takes a file in EDM's layout as it is; selected networks only.
+    np.savez(tmp_path / "edm.npz", mu=np.zeros(12), sigma=np.eye(12))
+    rows = evaluate.main(["--ckpt", str(fixtures_dir / "official_unet_small.pt"), "--fid_samples", "6",
+                          "--ema", "net", "--ref", str(tmp_path / "edm.npz")] + common)
+    assert [r["ema"] for r in rows] == ["net"] and rows[0]["fid"] > 0
+    with pytest.raises(ValueError, match="available"):
+        evaluate.select_networks({"model": torch.load(fixtures_dir / "official_unet_small.pt")["model"]}, ["net_ema7"])
+    authors = {"args": argparse.Namespace(dataset="cifar10", ema_decay=0.9999, ema_decays=[0.99995, 0.9996])}
+    assert evaluate.checkpoint_dataset(authors) == "cifar10"
+    assert evaluate.ema_decays(authors) == {"net_ema": 0.9999, "net_ema1": 0.99995, "net_ema2": 0.9996}
