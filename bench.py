@@ -1,0 +1,272 @@
+"""Benchmark the training step: images/s, ms/step, peak memory, compile time, FLOPs.
+
+    python bench.py --preset cifar10-v1                          # our step on the GPU
+    python bench.py --preset cifar10-v1 --baseline third_party/py-meanflow
+    python bench.py --preset tiny --steps 5 --warmup 2           # CPU smoke run
+
+It times the real step of train.py (data gather, flips, augmentation, loss with its JVP,
+backward, gradient sync, Adam, EMA) on synthetic images of the dataset's shape, after a
+warm-up that includes compilation, over a window timed with CUDA events (wall clock on CPU).
+`--baseline DIR` times the authors' release training step the same way in the same process:
+DIR is a local copy of their repository (keep it in a folder git ignores; it is not part of
+this project). Both sides use the same batch, precision settings and card, so the ratio is
+like for like; the release's DataLoader is replaced by the same GPU-resident images, which
+only flatters the release.
+
+FLOPs are counted with torch.utils.flop_counter on an eager pass at batch 2: the network's
+forward, and a full training step (JVP + backward). The fraction of peak is the achieved
+model-FLOP rate over the card's dense peak for the chosen precision (table below; unknown
+cards print no fraction).
+"""
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from utils.distributed import init_distributed
+
+# Dense (no sparsity) peak FLOP/s by card name fragment, per precision: vendor data sheets.
+PEAKS = {
+    "H200": {"tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 80GB HBM3": {"tf32": 494.7e12, "fp32": 66.9e12},  # SXM
+    "H100 PCIe": {"tf32": 378.0e12, "fp32": 51.2e12},
+    "A100": {"tf32": 156.0e12, "fp32": 19.5e12},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--preset", default="cifar10-v1", choices=sorted(train.PRESETS), help="network and data settings")
+    p.add_argument("--batch_size", type=int, default=None, help="per-process batch (default: the preset's)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens in the first)")
+    p.add_argument("--jvp_mode", choices=["joint", "split"], default="joint", help="how du/dt is computed")
+    p.add_argument("--compile", choices=["on", "off"], default=None, help="torch.compile (default: on for cuda)")
+    p.add_argument("--compile_mode", default="default",
+                   help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
+    p.add_argument("--precision", choices=["tf32", "fp32"], default="tf32",
+                   help="tf32: TF32 matmuls and convolutions (what the release runs); fp32: full fp32")
+    p.add_argument("--memory_format", choices=["contiguous", "channels_last"], default="contiguous")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--baseline", default=None, metavar="DIR", help="also time the release found in DIR")
+    p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    for name in ("steps", "warmup"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch_size {args.batch_size}: must be >= 1")
+    if args.baseline is not None and not (Path(args.baseline) / "meanflow" / "train_arg_parser.py").exists():
+        p.error(f"--baseline {args.baseline}: no meanflow/train_arg_parser.py there; give a copy of the "
+                f"authors' repository (Gsunshine/py-meanflow)")
+    return args
+
+
+def set_precision(precision: str) -> None:
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+def synthetic_images(cfg: dict, count: int) -> torch.Tensor:
+    """uint8 images of the dataset's shape: speed does not depend on their content."""
+    shape = (1, 8, 8) if cfg["dataset"] == "digits" else (3, 32, 32)
+    return torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+class Timer:
+    """Elapsed seconds of a block: CUDA events on the GPU, wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self):
+        box = {}
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield box
+            end.record()
+            end.synchronize()
+            box["s"] = start.elapsed_time(end) / 1e3
+        else:
+            tic = time.perf_counter()
+            yield box
+            box["s"] = time.perf_counter() - tic
+
+
+def measure(step_fn, device: torch.device, warmup: int, steps: int, batch: int) -> dict:
+    """Time `step_fn(i)` for warmup then `steps` calls; the first call's excess is compile time."""
+    timer = Timer(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with timer() as first:
+        step_fn(0)
+    for i in range(1, warmup):
+        step_fn(i)
+    with timer() as window:
+        for i in range(warmup, warmup + steps):
+            step_fn(i)
+    sec = window["s"] / steps
+    out = dict(ms_per_step=sec * 1e3, images_per_s=batch / sec, first_step_s=first["s"],
+               compile_s=max(first["s"] - sec, 0.0))
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        # Growth of the process's peak resident memory over the steps (kilobytes on Linux). Run with
+        # MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS, and one case per process.
+        out["peak_memory_gib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
+    return out
+
+
+def count_flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def ours(args, cfg: dict, env) -> tuple[dict, dict]:
+    """Figures of this repository's training step, and FLOPs per image."""
+    images = synthetic_images(cfg, max(4 * cfg["batch_size"], 1024))
+    trainer = train.Trainer(cfg, env, images=images)
+    if cfg["compile"]:
+        trainer.step_fn = torch.compile(train.loss_and_backward, mode=None if args.compile_mode == "default"
+                                        else args.compile_mode)
+    if args.memory_format == "channels_last":
+        trainer.model.to(memory_format=torch.channels_last)
+    flops = {}
+    if not args.no_flops:
+        net, method = trainer.model.net, trainer.method
+        x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in trainer.make_batch(0))
+        flops["forward_per_image"] = count_flops(lambda: net(x, t, t - r, aug_cond)) / 2
+        flops["train_step_per_image"] = count_flops(
+            lambda: train.loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
+        trainer.optimizer.zero_grad(set_to_none=True)
+    figures = measure(trainer.train_step, trainer.device, args.warmup, args.steps, cfg["batch_size"])
+    return figures, flops
+
+
+@contextlib.contextmanager
+def release_modules(root: Path):
+    """Import the release's top-level packages (`models`, `training`) without clobbering ours."""
+    names = ("models", "training", "train_arg_parser")
+    ours_saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in names}
+    sys.path.insert(0, str(root / "meanflow"))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root / "meanflow"))
+        for k in [k for k in sys.modules if k.split(".")[0] in names]:
+            del sys.modules[k]
+        sys.modules.update(ours_saved)
+
+
+def release_flags(cfg: dict) -> list[str]:
+    """The release's command line for the same run settings (its cifar10 launchers' flags)."""
+    keys = ("batch_size", "lr", "tr_sampler", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r", "norm_p",
+            "norm_eps", "ratio", "dropout", "ema_decay")
+    flags = [f"--{k}={cfg[k]}" for k in keys] + ["--ema_decays", *map(str, cfg["ema_decays"])]
+    return flags + (["--use_edm_aug"] if cfg["use_edm_aug"] else []) + ([] if cfg["compile"] else ["--not_compile"])
+
+
+def baseline(args, cfg: dict, device: torch.device) -> dict:
+    """Figures of the release's training step (the body of its train_one_epoch) on the same data."""
+    if cfg["dataset"] == "digits":
+        raise SystemExit("--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1): the release's "
+                         "network is fixed to CIFAR-10's shape")
+    with release_modules(Path(args.baseline)):
+        from models.model_configs import instantiate_model
+        from train_arg_parser import get_args_parser
+        import models.rng as rng
+        from training import train_loop
+
+        rargs = get_args_parser().parse_args(release_flags(cfg))
+        model = instantiate_model(rargs).to(device)
+        model.train(True)
+        optimizer = torch.optim.Adam(model.net.parameters(), lr=rargs.lr, betas=rargs.optimizer_betas, weight_decay=0.0)
+        step_fn = torch.compile(train_loop.train_step, disable=not rargs.compile)
+        if args.memory_format == "channels_last":
+            model.to(memory_format=torch.channels_last)
+        images = synthetic_images(cfg, max(4 * cfg["batch_size"], 1024)).to(device)
+        batch = cfg["batch_size"]
+
+        def one_step(i: int) -> None:
+            optimizer.zero_grad()
+            rows = torch.randint(0, len(images), (batch,), device=device)
+            samples = images[rows].float() / 255.0 * 2.0 - 1.0  # what its loader and loop produce
+            samples, aug_cond = (rng.augment_with_rng_control(train_loop.augment_pipe, samples, rargs.seed, i)
+                                 if rargs.use_edm_aug else (samples, None))
+            loss = rng.train_step_with_rng_control(step_fn, model, i, rargs.seed, samples, aug_cond)
+            train_loop.synchronize_gradients(model)  # a no-op without its DDP wrapper, as on one GPU
+            loss.item()  # its loop reads the loss every step
+            optimizer.step()
+            model.update_ema()
+
+        return measure(one_step, device, args.warmup, args.steps, batch)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    flags = ["--preset", args.preset, "--jvp_mode", args.jvp_mode]
+    flags += ["--batch_size", str(args.batch_size)] if args.batch_size else []
+    flags += ["--device", args.device] if args.device else []
+    flags += {"on": ["--compile"], "off": ["--not_compile"], None: []}[args.compile]
+    cfg = train.resolve_config(flags)
+    env = init_distributed(cfg["device"])
+    device = env.device
+    set_precision(args.precision)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((p.get(args.precision) for k, p in PEAKS.items() if k in name), None) if device.type == "cuda" else None
+
+    report = dict(device=name, torch=torch.__version__, preset=args.preset, batch_size=cfg["batch_size"],
+                  jvp_mode=args.jvp_mode, compile=cfg["compile"], compile_mode=args.compile_mode,
+                  precision=args.precision, memory_format=args.memory_format,
+                  date=time.strftime("%Y-%m-%d"))
+    report["ours"], report["flops"] = ours(args, cfg, env)
+    if args.baseline:
+        report["release"] = baseline(args, cfg, device)
+        report["speedup"] = report["ours"]["images_per_s"] / report["release"]["images_per_s"]
+
+    print(f"device {name} | torch {torch.__version__} | preset {args.preset} | batch {cfg['batch_size']} | "
+          f"jvp {args.jvp_mode} | compile {cfg['compile']} ({args.compile_mode}) | {args.precision} | "
+          f"{args.memory_format}")
+    if report["flops"]:
+        f = report["flops"]
+        print(f"model FLOPs per image: forward {f['forward_per_image'] / 1e9:.4g} G, "
+              f"training step {f['train_step_per_image'] / 1e9:.4g} G")
+    for side in ("ours", "release"):
+        if side not in report:
+            continue
+        r = report[side]
+        line = (f"{side:8s} {r['images_per_s']:9.1f} images/s | {r['ms_per_step']:8.2f} ms/step | "
+                f"compile {r['compile_s']:6.1f} s")
+        line += f" | peak {r['peak_memory_gib']:.2f} GiB" + ("" if device.type == "cuda" else " (RSS growth)")
+        if peak and report["flops"]:
+            achieved = r["images_per_s"] * report["flops"]["train_step_per_image"]
+            r["fraction_of_peak"] = achieved / peak
+            line += f" | {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} ({args.precision} dense)"
+        print(line)
+    if "speedup" in report:
+        print(f"ratio ours / release: {report['speedup']:.2f}x images/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
