@@ -1,10 +1,11 @@
 """Draw MeanFlow samples from a checkpoint (ours or the authors'): a .npz of uint8 images and/or a PNG grid.
 
-    python sample.py --ckpt output_digits/checkpoint-last.pth --num_samples 64 --grid samples.png
+    python sample.py --ckpt output/digits/checkpoint-last.pth --num_samples 64 --grid samples.png
     torchrun --nproc_per_node 8 sample.py --ckpt model.pth --num_samples 50000 --ema net_ema1 --out samples.npz
 
 The .npz holds N x H x W x C uint8 images under ``arr_0`` (the ADM/EDM evaluators' format). Sample i
-comes from noise seeded by (seed, i), so the file does not depend on batch size or process count.
+comes from noise seeded by (seed, i), so the noise does not depend on batch size or process count
+(the images are then equal up to the floating-point differences of kernels chosen per batch size).
 """
 
 import argparse
@@ -19,25 +20,9 @@ import torch.distributed
 import torch.nn.functional as F
 from PIL import Image
 
-from utils.checkpoint import infer_unet_config, load_checkpoint, load_network
+from utils.checkpoint import load_checkpoint, load_network
 from utils.distributed import cleanup, init_distributed
 from utils.fid import generate, shard
-
-
-def network_config(ckpt: dict, *, ema: str = "net_ema", model_config: dict | None = None) -> dict:
-    """SongUNet kwargs of network ``ema``, chosen as load_network does (file, given, inferred)."""
-    if ckpt.get("model_config"):
-        return ckpt["model_config"]
-    if model_config:
-        return model_config
-    state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
-    prefix = ema + "."
-    return infer_unet_config({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-
-
-def image_shape(config: dict) -> tuple[int, int, int]:
-    """(C, H, W) of the images a SongUNet config generates."""
-    return (int(config["in_channels"]), int(config["img_resolution"]), int(config["img_resolution"]))
 
 
 def load_model(
@@ -50,7 +35,7 @@ def load_model(
     """(network in eval mode, image shape (C, H, W)) from a checkpoint path or loaded dict."""
     ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
     net = load_network(ckpt, ema=ema, model_config=model_config, device=device)
-    return net, image_shape(network_config(ckpt, ema=ema, model_config=model_config))
+    return net, (net.in_channels, net.img_resolution, net.img_resolution)
 
 
 def sample_images(

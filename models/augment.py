@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from utils.data import to_device
+
 # Low-pass decomposition filter of the Symlet-6 wavelet (orthonormal: up- then down-sampling
 # with it is the identity, so untransformed pixels come back unchanged).
 SYM6 = (
@@ -146,7 +148,8 @@ class AugmentPipe:
         Draws are made for `total` images (default B) from `generator` and rows offset:offset+B
         are applied, so one process's slice of a global batch gets exactly what the
         single-process run gives those rows. A CPU generator keeps the draws and the padding
-        decision on the host (no device sync when the images are on a GPU).
+        decision on the host, and the few tensors the device needs are copied through pinned
+        memory, so augmenting GPU images never waits for the GPU.
         """
         n = self._check_images(images)
         total = n if total is None else int(total)
@@ -165,9 +168,9 @@ class AugmentPipe:
         self._check_rows(n, offset, total)
         h, w = images.shape[2:]
         g_inv = self.inverse_transforms(params, h, w)
-        labels = self.labels(params)[offset:offset + n].to(images.device)
+        labels = to_device(self.labels(params)[offset:offset + n], images.device)
 
-        flip = params["xflip"][offset:offset + n].to(images.device)
+        flip = to_device(params["xflip"][offset:offset + n], images.device)
         images = torch.where(flip.view(n, 1, 1, 1) == 1, images.flip(3), images)
         # Padding is decided over all `total` images, as the full-batch run would, so the
         # result for a row does not depend on how the batch is split.
@@ -217,7 +220,7 @@ class AugmentPipe:
         g = _const([[1, 0, (mx0 - mx1) / 2], [0, 1, (my0 - my1) / 2], [0, 0, 1]], g_inv.device) @ g_inv
 
         # 2x upsampling: interleave zeros, then filter with the (time-reversed) sym6 low-pass.
-        taps = torch.tensor(SYM6, dtype=torch.float32).to(dtype=dt, device=dev)
+        taps = to_device(torch.tensor(SYM6, dtype=torch.float32).to(dt), dev)
         up = taps.flip(0).view(1, 1, -1).repeat(c, 1, 1)
         hp, wp = images.shape[2:]
         wide = images.new_zeros([n, c, hp, 2 * wp - 1])
@@ -234,7 +237,7 @@ class AugmentPipe:
         in_h, in_w = images.shape[2:]
         to_unit = _const([[2 / in_w, 0, 0], [0, 2 / in_h, 0], [0, 0, 1]], g.device)
         from_unit = _const([[1 / (2 / out_w), 0, 0], [0, 1 / (2 / out_h), 0], [0, 0, 1]], g.device)
-        theta = (to_unit @ g @ from_unit)[:, :2, :].to(dtype=dt, device=dev)
+        theta = to_device((to_unit @ g @ from_unit)[:, :2, :].to(dt), dev)
         grid = F.affine_grid(theta, [n, c, out_h, out_w], align_corners=False)
         images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -57,7 +57,7 @@ def test_xflip_only_exact():
     assert not labels[:, 1:].any()  # transforms that are off leave their labels zero
 
 
-def test_integer_translation_shifts_content_by_labelled_amount():
+def test_whole_pixel_translation_shifts_content_by_labelled_amount():
     x = images(n=2, seed=3)
     pipe = AugmentPipe(p=1)
     params = zero_params(2)

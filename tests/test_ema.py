@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -164,7 +166,7 @@ def test_period_and_empty_decays_validation():
 def test_mixed_dtypes_are_averaged_in_their_own_dtype():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
-    model, ref = EMAModel(net, decays=(0.9,), period=2), EMAModel(net, decays=(0.9,), period=2)
+    model, ref = EMAModel(net, decays=(0.9,), period=2), EMAModel(copy.deepcopy(net), decays=(0.9,), period=2)
     gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     for step in range(1, 7):
         fake_optimizer_step(model.net, gen_a)

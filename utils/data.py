@@ -132,6 +132,18 @@ def batch_indices(seed: int, epoch: int, num_items: int, global_batch: int, step
     return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
 
 
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a small host tensor (random draws) to `device` without waiting for the device.
+
+    A plain host-to-GPU copy from pageable memory synchronises the stream, i.e. the host waits for
+    all queued GPU work; staging through pinned memory makes it asynchronous.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def random_hflip(images: torch.Tensor, generator: torch.Generator, offset: int = 0,
                  total: int | None = None) -> torch.Tensor:
     """Flip each image left-right with probability 1/2 (the release's RandomHorizontalFlip on CIFAR-10).
@@ -143,5 +155,5 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator, offset: int =
     if offset < 0 or offset + images.shape[0] > total:
         raise ValueError(f"rows {offset}..{offset + images.shape[0]} do not fit in a batch of {total}")
     coins = torch.rand(total, generator=generator, device=generator.device)[offset:offset + images.shape[0]]
-    flip = (coins < 0.5).to(images.device).view(-1, *([1] * (images.dim() - 1)))
+    flip = to_device(coins < 0.5, images.device).view(-1, *([1] * (images.dim() - 1)))
     return torch.where(flip, images.flip(-1), images)

@@ -21,7 +21,6 @@ import torch.distributed
 
 import meanflow
 from utils.data import fold_seed, load_dataset
-from utils.distributed import barrier
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
@@ -242,6 +241,21 @@ def _all_ranks(flag: bool, dist=None) -> bool:
     return bool(t.item())
 
 
+def _on_every_rank(fn, dist=None):
+    """Run ``fn`` and agree across ranks that it succeeded; if it raised on any rank, every rank
+    raises, so none is left waiting in a collective (the failing rank re-raises its own error)."""
+    error = None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
+        error, result = e, None
+    if not _all_ranks(error is None, dist):
+        if error is not None:
+            raise error
+        raise RuntimeError("another process failed while loading FID data (see its error above)")
+    return result
+
+
 # ---------------------------------------------------------------- reference statistics
 
 
@@ -338,17 +352,17 @@ def reference_stats(
     cache_dir = os.path.join(data_path, "fid_refs") if cache_dir is None else cache_dir
     key = reference_key(dataset, split, extractor)
     path = os.path.join(cache_dir, key + ".npz")
-    cached = load_stats(path, key=key) if os.path.isfile(path) else None
+    cached = _on_every_rank(lambda: load_stats(path, key=key) if os.path.isfile(path) else None, dist)
     # Every rank must take the same branch, or the collectives below would wait forever.
     if _all_ranks(cached is not None, dist):
         return cached
-    if _is_rank0(dist):
-        images = load_dataset(dataset, data_path=data_path, train=split == "train", download=download)
-    # The other ranks read the dataset after rank 0 has (possibly) downloaded it.
-    if dist is not None and dist.world_size > 1:
-        barrier()
-    if not _is_rank0(dist):
-        images = load_dataset(dataset, data_path=data_path, train=split == "train", download=False)
+    # Rank 0 loads first (it may download), then the others read what it fetched. Each stage is
+    # agreed on by all ranks, so a failure on one raises everywhere instead of stranding the rest.
+    def load(download_now: bool):
+        return load_dataset(dataset, data_path=data_path, train=split == "train", download=download_now)
+
+    images = _on_every_rank(lambda: load(download) if _is_rank0(dist) else None, dist)
+    images = _on_every_rank(lambda: images if _is_rank0(dist) else load(False), dist)
     mu, sigma = dataset_stats(
         images, extractor=extractor, dist=dist, batch_size=batch_size, progress=progress, desc=f"{dataset} {split}"
     )
@@ -418,7 +432,8 @@ def fid_of_network(
 
     With ``dist`` (a DistEnv, every rank calls this) the samples are split over the ranks;
     ``batch_size`` is per rank. Noise is seeded per sample, so the value does not depend on
-    batch size or world size. The network is put in eval mode for the call.
+    batch size or world size (up to floating-point differences between kernels). The network
+    is put in eval mode for the call.
     """
     if num_samples < 2:
         raise ValueError(f"num_samples={num_samples} must be >= 2")
