@@ -21,15 +21,19 @@ cards print no fraction).
 
 import argparse
 import contextlib
+import gc
+import importlib.util
 import json
 import resource
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import meanflow
 import train
 from utils.distributed import init_distributed
 
@@ -48,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=None, help="per-process batch (default: the preset's)")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens in the first)")
-    p.add_argument("--jvp_mode", choices=["joint", "split"], default="joint", help="how du/dt is computed")
+    p.add_argument("--jvp_mode", choices=meanflow.JVP_MODES, default="joint", help="how du/dt is computed")
     p.add_argument("--compile", choices=["on", "off"], default=None, help="torch.compile (default: on for cuda)")
     p.add_argument("--compile_mode", default="default",
                    help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
@@ -65,9 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size}: must be >= 1")
-    if args.baseline is not None and not (Path(args.baseline) / "meanflow" / "train_arg_parser.py").exists():
-        p.error(f"--baseline {args.baseline}: no meanflow/train_arg_parser.py there; give a copy of the "
-                f"authors' repository (Gsunshine/py-meanflow)")
+    if args.baseline is not None:
+        if not (Path(args.baseline) / "meanflow" / "train_arg_parser.py").exists():
+            p.error(f"--baseline {args.baseline}: no meanflow/train_arg_parser.py there; give a copy of the "
+                    f"authors' repository (Gsunshine/py-meanflow)")
+        if importlib.util.find_spec("torchmetrics") is None:
+            p.error("--baseline: the release's training loop imports torchmetrics; pip install torchmetrics")
+        if not torch.cuda.is_available() or args.device == "cpu":
+            p.error("--baseline needs a GPU: the release's random-state handling assumes CUDA")
     return args
 
 
@@ -161,14 +170,24 @@ def ours(args, cfg: dict, env) -> tuple[dict, dict]:
 
 @contextlib.contextmanager
 def release_modules(root: Path):
-    """Import the release's top-level packages (`models`, `training`) without clobbering ours."""
+    """Import the release's top-level modules (`models`, `training`, ...) without clobbering ours.
+
+    Its `models/` and `training/` folders have no `__init__.py`: as namespace packages they would
+    lose to our regular `models` package whatever the order of sys.path, so they are registered
+    by hand. Our modules are put back afterwards; objects already built keep working.
+    """
     names = ("models", "training", "train_arg_parser")
+    src = root / "meanflow"
     ours_saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in names}
-    sys.path.insert(0, str(root / "meanflow"))
+    sys.path.insert(0, str(src))
+    for pkg in ("models", "training"):
+        module = types.ModuleType(pkg)
+        module.__path__ = [str(src / pkg)]
+        sys.modules[pkg] = module
     try:
         yield
     finally:
-        sys.path.remove(str(root / "meanflow"))
+        sys.path.remove(str(src))
         for k in [k for k in sys.modules if k.split(".")[0] in names]:
             del sys.modules[k]
         sys.modules.update(ours_saved)
@@ -239,6 +258,11 @@ def main(argv=None) -> int:
                   date=time.strftime("%Y-%m-%d"))
     report["ours"], report["flops"] = ours(args, cfg, env)
     if args.baseline:
+        # Free our trainer and compiled graphs so that the release's peak memory is its own.
+        gc.collect()
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         report["release"] = baseline(args, cfg, device)
         report["speedup"] = report["ours"]["images_per_s"] / report["release"]["images_per_s"]
 

@@ -6,6 +6,10 @@
 # MASTER_ADDR (the address of node 0) and MASTER_PORT set. Re-running continues from
 # OUTPUT_DIR/checkpoint-last.pth. Relative paths are taken from the current folder.
 set -euo pipefail
+# On SIGTERM (preemption) torchrun forwards the signal and kills the workers after this many
+# seconds; train.py needs the current step plus a checkpoint write (recent torchrun reads it;
+# older torchrun waits 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 exec torchrun \
     --nproc_per_node="${GPUS_PER_NODE:-8}" \

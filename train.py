@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output, checkpoints, evaluation")
     add("--output_dir", help="folder for checkpoints, logs, TensorBoard, samples; empty for no saving")
-    add("--resume", help="checkpoint to start from (ours or the release's); OUTPUT_DIR/checkpoint-last.pth wins")
+    add("--resume", help="checkpoint to start from (ours or the release's); OUTPUT_DIR/checkpoint-last.pth wins, "
+                         "except with --eval_only")
     add("--start_epoch", type=int, help=ignored + "the starting point is read from the checkpoint")
     add("--ckpt_every", type=int, help="write checkpoint-last.pth every N steps (0: only at the end and on a signal)")
     add("--snapshot_every", type=int, help="keep checkpoint-STEP.pth every N steps (0: never)")
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log_per_step", type=int, help="log training statistics every N steps")
     add("--eval_frequency", type=int,
         help="evaluate (sample grids, FID) every N epochs and at the end; -1: only at the end")
-    add("--eval_only", action="store_true", help="no training: evaluate the checkpoint from --resume or OUTPUT_DIR")
+    add("--eval_only", action="store_true",
+        help="no training: evaluate the checkpoint given by --resume, else OUTPUT_DIR/checkpoint-last.pth")
     add("--compute_fid", action="store_true", help="compute FID of every network at each evaluation")
     add("--no_compute_fid", action="store_false", dest="compute_fid", help="turn off --compute_fid set by a preset")
     add("--fid_samples", type=int, help="number of generated samples for FID")
@@ -302,7 +304,13 @@ class Trainer:
     def __init__(self, cfg: dict, env: DistEnv, images: torch.Tensor | None = None):
         self.cfg, self.env, self.device = cfg, env, env.device
         if images is None:
+            # One process per node reads (and, online, downloads) first; torchvision writes the
+            # archive in place, so concurrent downloads into one folder would corrupt it.
+            if env.local_rank != 0:
+                barrier()
             images = load_training_images(cfg)
+            if env.local_rank == 0:
+                barrier()
         self.batch = cfg["batch_size"]
         self.global_batch = self.batch * env.world_size
         if self.global_batch > len(images):
@@ -532,7 +540,13 @@ def check_output_dir(out: Path) -> None:
 
 
 def find_start(cfg: dict, out: Path | None) -> tuple[dict | None, str]:
-    """The checkpoint to start from: OUTPUT_DIR/checkpoint-last.pth, else --resume, else none."""
+    """The checkpoint to start from: OUTPUT_DIR/checkpoint-last.pth, else --resume, else none.
+
+    With --eval_only, --resume names the checkpoint to evaluate, e.g. a numbered snapshot of a
+    run whose checkpoint-last.pth has moved on.
+    """
+    if cfg["eval_only"] and cfg["resume"]:
+        return ckpt_io.load_checkpoint(cfg["resume"]), cfg["resume"]
     last = out / LAST if out is not None else None
     if last is not None and last.exists():
         try:

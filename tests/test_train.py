@@ -319,3 +319,13 @@ def test_digits_quality_separates_real_from_noise():
     assert quality.score(torch.full((297, 1, 8, 8), -1.0))["classes"] == 1.0  # blank images: one class
     train = quality.score(load_dataset("digits", train=True)[:297])
     assert train["fd"] < 2
+
+
+def test_eval_only_evaluates_the_resume_checkpoint_not_the_last(tmp_path):
+    _train("--output_dir", str(tmp_path), "--snapshot_every", "4")
+    snapshot = tmp_path / "checkpoint-4.pth"
+    assert snapshot.exists() and (tmp_path / train.LAST).exists()
+    _train("--output_dir", str(tmp_path), "--eval_only", "--resume", str(snapshot))
+    log = (tmp_path / "log.txt").read_text()
+    assert f"resumed from {snapshot} at step 4" in log
+    assert list((tmp_path / "samples").glob("step00000004_net_ema.png"))

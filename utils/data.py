@@ -109,7 +109,6 @@ def make_generator(seed: int, *keys: int | str, device: str | torch.device = "cp
     return gen
 
 
-generator = make_generator  # the name used in the design notes
 
 
 def steps_per_epoch(num_items: int, global_batch: int) -> int:

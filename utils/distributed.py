@@ -97,8 +97,11 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but CUDA is not available; pass --device cpu")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        # Under srun with per-task GPU binding each process sees one GPU while its local rank
+        # counts up to the tasks per node.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     elif kind == "cpu":
         dev = torch.device("cpu")
     else:
