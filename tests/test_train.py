@@ -329,3 +329,11 @@ def test_eval_only_evaluates_the_resume_checkpoint_not_the_last(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert f"resumed from {snapshot} at step 4" in log
     assert list((tmp_path / "samples").glob("step00000004_net_ema.png"))
+
+
+@pytest.mark.parametrize("script", ["cifar10_v0.sh", "cifar10_v1.sh"])
+def test_launchers_start_train_py_under_torchrun(script):
+    env = dict(_env(), GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()))
+    done = subprocess.run(["bash", str(ROOT / script), "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: train.py" in done.stdout and "--preset" in done.stdout
