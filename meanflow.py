@@ -11,7 +11,7 @@ The network is any callable ``net(z, t, h, aug_cond=None) -> u`` with ``t``, ``h
 import torch
 
 TR_SAMPLERS = ("v0", "v1")
-JVP_MODES = ("joint", "split")
+JVP_MODES = ("joint", "split", "network")
 
 
 def _broadcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -55,12 +55,26 @@ def u_and_dudt(
         identical masks; both modes then give the same loss and gradients. This path always
         runs eagerly, also inside a compiled function. Layers that update state in forward
         (batch-norm statistics) would update twice.
+    jvp_mode "network": the network's own ``forward_and_tangent(z, h=t - r, x_t=v, t_t=1, h_t=1)``
+        (``SongUNet`` has one). It propagates only the input tangent, skipping the products with
+        the weights' (zero) tangent that forward AD of every convolution computes anyway; dudt
+        comes without a graph, so gradients flow through u only (the loss detaches its target).
     """
     if jvp_mode not in JVP_MODES:
         raise ValueError(f"unknown jvp_mode {jvp_mode!r}: use one of {JVP_MODES}")
 
     def u_fn(z_, t_, r_):
         return net(z_, t_, t_ - r_, aug_cond=aug_cond)
+
+    if jvp_mode == "network":
+        forward_and_tangent = getattr(net, "forward_and_tangent", None)
+        if not callable(forward_and_tangent):
+            raise ValueError(f"jvp_mode 'network' needs a network method forward_and_tangent(x, t, h, x_t, t_t, h_t, "
+                             f"aug_cond=None), but the network ({type(net).__name__}) lacks forward_and_tangent: "
+                             f"use 'joint' or 'split'")
+        # Tangents (v, 1, 0) of (z, t, r) give h = t - r the tangent 1.
+        ones = torch.ones_like(t)
+        return forward_and_tangent(z, t, t - r, v, ones, ones, aug_cond=aug_cond)
 
     primals = (z, t, r)
     tangents = (v, torch.ones_like(t), torch.zeros_like(r))
@@ -92,7 +106,7 @@ class MeanFlow:
     ratio: probability that r is drawn apart from t (exactly P(r != t) for v0; for v1 the clip
         r = min(t, r) also ties some of those, so P(r != t) = ratio * P(r_raw < t_raw)).
     norm_p, norm_eps: per-sample loss err / stopgrad(err + norm_eps) ** norm_p; norm_p = 0 is plain L2.
-    jvp_mode: "joint" or "split", see ``u_and_dudt``.
+    jvp_mode: "joint", "split" or "network", see ``u_and_dudt``.
     """
 
     def __init__(

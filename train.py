@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--norm_p", type=float, help="power of the adaptive loss weight")
     add("--norm_eps", type=float, help="constant added before the adaptive weight's power")
     add("--jvp_mode", choices=list(meanflow.JVP_MODES), help="joint: one jvp gives u and du/dt (best compiled); "
-        "split: du/dt from a no-grad jvp plus a forward for u (less memory without compile)")
+        "split: du/dt from a no-grad jvp plus a forward for u (less memory without compile); network: the "
+        "network's hand-written tangent path, without forward AD's convolutions against zero weight tangents")
 
     g = p.add_argument_group("network")
     add("--arch", choices=["unet"], help="architecture (SongUNet / DDPM++)")

@@ -20,6 +20,11 @@ back-propagates through that JVP. Two deliberate choices follow from this:
   [4, 768, 256], jvp + backward, min of 7) matmul took 67 ms eager / 61 ms compiled, einsum
   81 / 58 ms, SDPA 70 / 60 ms and SDPA forced to its math backend 70 / 57 ms: no real
   difference, so we take the version that cannot select a kernel without forward AD on any device.
+
+`SongUNet.forward_and_tangent` returns u together with its directional derivative written out by
+hand (MeanFlow's `jvp_mode="network"`): forward AD of a convolution also convolves the input with
+the weights' tangent, which is all zeros here, and that product alone costs about a fifth of a
+training step. Each layer below shares its primal code between `forward` and that path.
 """
 
 import math
@@ -45,6 +50,46 @@ CIFAR10_CONFIG = {
 }
 
 _INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+
+
+# ---------------------------------------------------------------- tangent helpers
+# The hand-written tangent path pairs every activation x with its tangent x_t. Tangents are built
+# under torch.no_grad(): MeanFlow's target detaches du/dt, so only the primal needs a graph. On the
+# primal-only path (plain `forward`) every tangent is None and these helpers add no work.
+
+def _tangent(fn, *tangents):
+    """fn(*tangents) without autograd, or None when the tangents are absent (None)."""
+    if any(x_t is None for x_t in tangents):
+        return None
+    with torch.no_grad():
+        return fn(*tangents)
+
+
+def _layer(module: nn.Module, x: torch.Tensor, x_t: torch.Tensor | None):
+    """(module(x), its tangent) for a layer that is affine in its input (Linear, Conv2d)."""
+    return module(x), _tangent(module.tangent, x_t)
+
+
+def _silu(x: torch.Tensor, x_t: torch.Tensor | None):
+    """SiLU and its tangent: silu'(x) = sig(x) (1 + x (1 - sig(x)))."""
+    def tangent(x_t):
+        sig = torch.sigmoid(x)
+        return x_t * (sig * (1 + x * (1 - sig)))
+    return F.silu(x), _tangent(tangent, x_t)
+
+
+def _dropout(x: torch.Tensor, x_t: torch.Tensor | None, p: float, training: bool):
+    """Dropout with one mask for the primal and its tangent.
+
+    On the tangent path the mask is F.dropout of ones: it draws from the RNG exactly as
+    F.dropout(x) would, and x * mask equals F.dropout(x).
+    """
+    if x_t is None:
+        return F.dropout(x, p=p, training=training), None
+    if not training or p == 0:
+        return x, x_t
+    mask = F.dropout(torch.ones_like(x), p=p, training=training)
+    return x * mask, _tangent(lambda a: a * mask, x_t)
 
 
 def init_tensor(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -80,6 +125,10 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def tangent(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Directional derivative along an input tangent x_t (the weights carry none): W x_t."""
+        return F.linear(x_t, self.weight.to(x_t.dtype))
 
 
 class Conv2d(nn.Module):
@@ -125,8 +174,19 @@ class Conv2d(nn.Module):
         return F.conv2d(x, f.tile(channels, 1, 1, 1), groups=channels, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_to(x, self.bias)
+
+    def tangent(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Directional derivative along an input tangent x_t: the same layer without its bias.
+
+        Forward AD of F.conv2d would add a second convolution of the input with the weights'
+        tangent, all zeros here; this is the convolution of x_t alone.
+        """
+        return self._apply_to(x_t, None)
+
+    def _apply_to(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = None if self.weight is None else self.weight.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
+        b = None if bias is None else bias.to(x.dtype)
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if self.resample_filter is None else (self.resample_filter.shape[-1] - 1) // 2
         if w is not None and self.fused_resample and self.up:
@@ -149,11 +209,35 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
 
     Written out (see the module docstring) so it has a forward-AD rule that compiles.
     """
+    normed, _ = _normalize(x, num_groups, eps)
+    return _scale_shift(normed, weight, bias)
+
+
+def _normalize(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - mean) / std per group, shaped like x, and 1 / std [B, num_groups, 1]."""
     groups = x.reshape(x.shape[0], num_groups, -1)
     var, mean = torch.var_mean(groups, dim=-1, keepdim=True, correction=0)
-    normed = ((groups - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    affine_shape = (1, -1) + (1,) * (x.ndim - 2)
+    rstd = torch.rsqrt(var + eps)
+    return ((groups - mean) * rstd).reshape(x.shape), rstd
+
+
+def _scale_shift(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    affine_shape = (1, -1) + (1,) * (normed.ndim - 2)
     return torch.addcmul(bias.view(affine_shape), normed, weight.view(affine_shape))
+
+
+def _group_norm_tangent(x_t: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                        weight: torch.Tensor) -> torch.Tensor:
+    """Tangent of group_norm along x_t, from the primal's normalised x and 1 / std.
+
+    y = g (x - m) / s + b gives y_t = g (x_t - mean(x_t) - xhat mean(xhat x_t)) / s per group.
+    """
+    groups_t = x_t.reshape(x_t.shape[0], num_groups, -1)
+    xhat = normed.reshape(groups_t.shape)
+    normed_t = (groups_t - groups_t.mean(dim=-1, keepdim=True)
+                - xhat * (xhat * groups_t).mean(dim=-1, keepdim=True)) * rstd
+    affine_shape = (1, -1) + (1,) * (x_t.ndim - 2)
+    return normed_t.reshape(x_t.shape) * weight.view(affine_shape)
 
 
 class GroupNorm(nn.Module):
@@ -175,6 +259,15 @@ class GroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
+    def forward_and_tangent(self, x: torch.Tensor, x_t: torch.Tensor | None):
+        """(self(x), its tangent along x_t); the tangent is None when x_t is."""
+        if x_t is None:
+            return self(x), None
+        weight = self.weight.to(x.dtype)
+        normed, rstd = _normalize(x, self.num_groups, self.eps)
+        y_t = _tangent(lambda a: _group_norm_tangent(a, normed, rstd, self.num_groups, weight), x_t)
+        return _scale_shift(normed, weight, self.bias.to(x.dtype)), y_t
+
 
 def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention over positions: qkv [B, 3 C, L] -> [B, C, L].
@@ -182,13 +275,34 @@ def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     The channel axis holds all queries, then all keys, then all values (each head's
     channels contiguous inside each), the layout the MeanFlow release trained with.
     """
+    return _self_attention(qkv, None, num_heads)[0]
+
+
+def _self_attention(qkv: torch.Tensor, qkv_t: torch.Tensor | None, num_heads: int):
+    """self_attention(qkv) and its tangent along qkv_t (None when qkv_t is None)."""
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
-    q, k, v = (y.reshape(batch * num_heads, ch, length) for y in qkv.chunk(3, dim=1))
-    logits = torch.matmul(q.transpose(1, 2), k) * (1 / math.sqrt(ch))       # [B*heads, Lq, Lk]
+
+    def heads(y):
+        return (part.reshape(batch * num_heads, ch, length) for part in y.chunk(3, dim=1))
+
+    q, k, v = heads(qkv)
+    scale = 1 / math.sqrt(ch)
+    logits = torch.matmul(q.transpose(1, 2), k) * scale                      # [B*heads, Lq, Lk]
     # Softmax in float32 at least, so bf16 inputs keep their attention weights accurate.
-    weights = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
-    return torch.matmul(v, weights.transpose(1, 2)).reshape(batch, -1, length)
+    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
+    weights = probs.to(v.dtype)
+    out = torch.matmul(v, weights.transpose(1, 2)).reshape(batch, -1, length)
+
+    def tangent(qkv_t):
+        q_t, k_t, v_t = heads(qkv_t)
+        logits_t = (torch.matmul(q_t.transpose(1, 2), k) + torch.matmul(q.transpose(1, 2), k_t)) * scale
+        logits_t = logits_t.to(probs.dtype)
+        probs_t = probs * (logits_t - (probs * logits_t).sum(dim=-1, keepdim=True))
+        out_t = torch.matmul(v_t, weights.transpose(1, 2)) + torch.matmul(v, probs_t.to(v.dtype).transpose(1, 2))
+        return out_t.reshape(batch, -1, length)
+
+    return out, _tangent(tangent, qkv_t)
 
 
 class UNetBlock(nn.Module):
@@ -233,25 +347,64 @@ class UNetBlock(nn.Module):
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.skip is None else self.skip(x)
-        x = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        return self._forward(x, emb)[0]
+
+    def forward_and_tangent(self, x: torch.Tensor, emb: torch.Tensor, x_t: torch.Tensor,
+                            emb_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(x, emb), its directional derivative along (x_t, emb_t)); see SongUNet.forward_and_tangent."""
+        return self._forward(x, emb, x_t, emb_t)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, x_t: torch.Tensor | None = None,
+                 emb_t: torch.Tensor | None = None):
+        # Every *_t is None on the plain forward; then only the primal lines do any work.
+        shortcut, shortcut_t = (x, x_t) if self.skip is None else _layer(self.skip, x, x_t)
+        x, x_t = _layer(self.conv0, *_silu(*self.norm0.forward_and_tangent(x, x_t)))
+        params, params_t = _layer(self.affine, emb, emb_t)
+        params = params[:, :, None, None].to(x.dtype)
+        params_t = _tangent(lambda a: a[:, :, None, None].to(x.dtype), params_t)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            normed, normed_t = self.norm1.forward_and_tangent(x, x_t)
+            y_t = _tangent(lambda n_t, p_t: torch.addcmul(p_t.chunk(2, dim=1)[1], n_t, scale + 1)
+                           + normed * p_t.chunk(2, dim=1)[0], normed_t, params_t)
+            x, x_t = _silu(torch.addcmul(shift, normed, scale + 1), y_t)
         else:
-            x = F.silu(self.norm1(x + params))
+            x, x_t = _silu(*self.norm1.forward_and_tangent(x + params, _tangent(torch.add, x_t, params_t)))
         if self.dropout:
-            x = F.dropout(x, p=self.dropout, training=self.training)
-        x = (self.conv1(x) + shortcut) * self.skip_scale
+            x, x_t = _dropout(x, x_t, self.dropout, self.training)
+        out, out_t = _layer(self.conv1, x, x_t)
+        x = (out + shortcut) * self.skip_scale
+        x_t = _tangent(lambda a, b: (a + b) * self.skip_scale, out_t, shortcut_t)
         if self.num_heads:
-            qkv = self.qkv(self.norm2(x))
-            attn = self_attention(qkv.flatten(2), self.num_heads).reshape(x.shape)
-            x = (self.proj(attn) + x) * self.skip_scale
-        return x
+            qkv, qkv_t = _layer(self.qkv, *self.norm2.forward_and_tangent(x, x_t))
+            attn, attn_t = _self_attention(qkv.flatten(2), _tangent(lambda a: a.flatten(2), qkv_t), self.num_heads)
+            proj, proj_t = _layer(self.proj, attn.reshape(x.shape), _tangent(lambda a: a.reshape(x.shape), attn_t))
+            x, x_t = (proj + x) * self.skip_scale, _tangent(lambda a, b: (a + b) * self.skip_scale, proj_t, x_t)
+        return x, x_t
 
 
-class PositionalEmbedding(nn.Module):
+class _SinusoidalEmbedding(nn.Module):
+    """[B] -> [B, 2 F] as [sin | cos] of x times F frequencies, with the tangent along x_t [B]."""
+
+    def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_and_tangent(x, None)[0]
+
+    def forward_and_tangent(self, x: torch.Tensor, x_t: torch.Tensor | None):
+        freqs = self._frequencies(x)
+        angles = torch.outer(x, freqs)
+        sin, cos = angles.sin(), angles.cos()
+
+        def tangent(x_t):
+            angles_t = torch.outer(x_t, freqs)
+            return torch.cat([cos * angles_t, -sin * angles_t], dim=1)
+
+        return torch.cat([sin, cos], dim=1), _tangent(tangent, x_t)
+
+
+class PositionalEmbedding(_SinusoidalEmbedding):
     """Sinusoidal embedding of a scalar per sample: [B] -> [B, num_channels] as [sin | cos].
 
     Frequencies run geometrically from 1 to 1/max_positions (inclusive when `endpoint`).
@@ -264,23 +417,21 @@ class PositionalEmbedding(nn.Module):
         self.max_positions = max_positions
         self.endpoint = endpoint
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
         exponents = torch.arange(half, dtype=torch.float32, device=x.device) / (half - int(self.endpoint))
-        angles = torch.outer(x, (1 / self.max_positions) ** exponents.to(x.dtype))
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
+        return (1 / self.max_positions) ** exponents.to(x.dtype)
 
 
-class FourierEmbedding(nn.Module):
+class FourierEmbedding(_SinusoidalEmbedding):
     """Random Fourier features (NCSN++): [B] -> [B, num_channels] as [sin | cos]; `freqs` is a buffer."""
 
     def __init__(self, num_channels: int, scale: float = 16):
         super().__init__()
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        angles = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
+        return (2 * math.pi * self.freqs).to(x.dtype)
 
 
 class SongUNet(nn.Module):
@@ -414,9 +565,14 @@ class SongUNet(nn.Module):
         self._dec_roles = tuple(dec_roles)
 
     def _embed(self, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None,
-               class_labels: torch.Tensor | None) -> torch.Tensor:
-        """Conditioning vector [B, emb_channels] from t, h [B] and the optional labels."""
-        emb = torch.cat([self.map_noise(t), self.map_noise(h)], dim=1)
+               class_labels: torch.Tensor | None, t_t: torch.Tensor | None = None,
+               h_t: torch.Tensor | None = None):
+        """Conditioning vector [B, emb_channels] from t, h [B] and the optional labels, and its
+        tangent along (t_t, h_t) (None without them; the labels carry no tangent)."""
+        (emb_th, emb_th_t), (emb_h, emb_h_t) = (self.map_noise.forward_and_tangent(t, t_t),
+                                                self.map_noise.forward_and_tangent(h, h_t))
+        emb = torch.cat([emb_th, emb_h], dim=1)
+        emb_t = _tangent(lambda a, b: torch.cat([a, b], dim=1), emb_th_t, emb_h_t)
         if self.map_label is not None:
             labels = class_labels.to(emb.dtype)
             if self.training and self.label_dropout:
@@ -425,50 +581,89 @@ class SongUNet(nn.Module):
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and aug_cond is not None:
             emb = emb + self.map_augment(aug_cond.to(emb.dtype))
-        return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        return _silu(*_layer(self.map_layer1, *_silu(*_layer(self.map_layer0, emb, emb_t))))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """u(x, t, h): x [B, C, R, R], t and h [B] (or 0-dim, shared by the batch) -> [B, out_channels, R, R]."""
+        return self._forward(x, t, h, aug_cond, class_labels)[0]
+
+    def forward_and_tangent(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, x_t: torch.Tensor,
+                            t_t: torch.Tensor, h_t: torch.Tensor, aug_cond: torch.Tensor | None = None,
+                            class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, u_t): u = forward(x, t, h, ...) and its directional derivative along (x_t, t_t, h_t).
+
+        The same numbers as ``torch.func.jvp`` of ``forward`` (dropout masks included: both
+        draw them from the global RNG in the same order), without its cost: forward AD of each
+        convolution and linear layer also multiplies the input by the weights' tangent, which
+        is zero, and here only the input tangent is propagated. u keeps its autograd graph,
+        the same as forward's; u_t is computed under torch.no_grad() and has none, so use it
+        where its gradient is not needed (MeanFlow's target detaches du/dt). aug_cond and
+        class_labels carry no tangent. x_t is shaped like x; t_t and h_t like t and h.
+        """
+        if tuple(x_t.shape) != tuple(x.shape):
+            raise ValueError(f"x_t must have the shape of x, {list(x.shape)}; got {list(x_t.shape)}")
+        return self._forward(x, t, h, aug_cond, class_labels, (x_t, t_t, h_t))
+
+    def _forward(self, x, t, h, aug_cond, class_labels, tangents=None):
+        """(u, u_t); u_t and every *_t below are None when tangents is None (plain forward)."""
         batch = self._check_inputs(x, aug_cond, class_labels)
         # Times stay in float32 or wider even when x is bf16: the embedding needs the precision.
         t = _per_sample("t", t, batch)
         t = t.to(torch.promote_types(t.dtype, torch.float32))
         h = _per_sample("h", h, batch)
         h = h.to(torch.promote_types(h.dtype, torch.float32))
-        emb = self._embed(t, h, aug_cond, class_labels)
+        x_t = t_t = h_t = None
+        if tangents is not None:
+            x_t = tangents[0].to(x.dtype)
+            t_t = _per_sample("t_t", tangents[1], batch).to(t.dtype)
+            h_t = _per_sample("h_t", tangents[2], batch).to(h.dtype)
+        emb, emb_t = self._embed(t, h, aug_cond, class_labels, t_t, h_t)
+
+        def add(a, b, scale=None):
+            return a + b if scale is None else (a + b) * scale
 
         skips = []
-        aux = x
+        aux, aux_t = x, x_t
         for role, module in zip(self._enc_roles, self.enc.values()):
             if role == "main":
-                x = module(x)
-                skips.append(x)
+                x, x_t = _layer(module, x, x_t)
+                skips.append((x, x_t))
             elif role == "block":
-                x = module(x, emb)
-                skips.append(x)
+                x, x_t = module._forward(x, emb, x_t, emb_t)
+                skips.append((x, x_t))
             elif role == "aux_down":
-                aux = module(aux)
+                aux, aux_t = _layer(module, aux, aux_t)
             elif role == "aux_skip":
-                x = skips[-1] = x + module(aux)
+                y, y_t = _layer(module, aux, aux_t)
+                x, x_t = add(x, y), _tangent(add, x_t, y_t)
+                skips[-1] = (x, x_t)
             else:  # aux_residual: the running image-resolution path joins the main path
-                x = skips[-1] = aux = (x + module(aux)) * math.sqrt(0.5)
+                y, y_t = _layer(module, aux, aux_t)
+                x, x_t = add(x, y, math.sqrt(0.5)), _tangent(lambda a, b: add(a, b, math.sqrt(0.5)), x_t, y_t)
+                skips[-1] = (x, x_t)
+                aux, aux_t = x, x_t
 
-        out = None
-        normed = None
+        out = out_t = None
+        normed = normed_t = None
         for role, module in zip(self._dec_roles, self.dec.values()):
             if role == "block":
-                x = module(x, emb)
+                x, x_t = module._forward(x, emb, x_t, emb_t)
             elif role == "block_cat":
-                x = module(torch.cat([x, skips.pop()], dim=1), emb)
+                skip, skip_t = skips.pop()
+                cat_t = _tangent(lambda a, b: torch.cat([a, b], dim=1), x_t, skip_t)
+                x, x_t = module._forward(torch.cat([x, skip], dim=1), emb, cat_t, emb_t)
             elif role == "aux_up":
-                out = module(out)
+                out, out_t = _layer(module, out, out_t)
             elif role == "aux_norm":
-                normed = module(x)
+                normed, normed_t = module.forward_and_tangent(x, x_t)
             else:  # aux_conv: output head at this resolution, summed over resolutions for 'skip'
-                head = module(F.silu(normed))
-                out = head if out is None else out + head
-        return out
+                head, head_t = _layer(module, *_silu(normed, normed_t))
+                if out is None:
+                    out, out_t = head, head_t
+                else:
+                    out, out_t = out + head, _tangent(add, out_t, head_t)
+        return out, out_t
 
     def _check_inputs(self, x: torch.Tensor, aug_cond: torch.Tensor | None,
                       class_labels: torch.Tensor | None) -> int:

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.unet import CIFAR10_CONFIG, SongUNet, group_norm, self_attention
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.unet import CIFAR10_CONFIG, SongUNet, UNetBlock, group_norm, self_attention
 
 RELEASE_PREFIXES = ("net", "net_ema", "net_ema1", "net_ema2")
 CIFAR10_NUM_PARAMS = 55_932_419
@@ -123,7 +125,17 @@ def test_jvp_matches_release(fixtures_dir: Path):
     assert rel_err(dudt, ref["outputs"]["dudt"]) < 1e-4
 
 
-@pytest.mark.parametrize("jvp_mode", ["joint", "split"])
+def test_forward_and_tangent_matches_release(fixtures_dir: Path):
+    meanflow = pytest.importorskip("meanflow")
+    ref, nets = load_reference(fixtures_dir)
+    inp = ref["inputs"]
+    u, dudt = meanflow.u_and_dudt(nets["net"], inp["z"], inp["t"], inp["r"], inp["v"], inp["aug_cond"],
+                                  jvp_mode="network")
+    assert rel_err(u, ref["outputs"]["u_pred"]) < 1e-4
+    assert rel_err(dudt, ref["outputs"]["dudt"]) < 1e-4
+
+
+@pytest.mark.parametrize("jvp_mode", ["joint", "split", "network"])
 def test_loss_and_grads_match_release(fixtures_dir: Path, jvp_mode: str):
     meanflow = pytest.importorskip("meanflow")
     ref, nets = load_reference(fixtures_dir)
@@ -221,6 +233,126 @@ def test_compiled_jvp_and_backward_match_eager():
     assert rel_err(compiled_loss, eager_loss) < 1e-5
     for got, want in zip(compiled_grads, eager_grads):
         assert rel_err(got, want) < 1e-4
+
+
+# ---------------------------------------------------------------- the hand-written tangent path
+
+VARIANTS = [
+    dict(),
+    dict(embedding_type="fourier", encoder_type="residual", decoder_type="skip"),
+    dict(encoder_type="skip", decoder_type="skip", resample_filter=[1, 1]),
+    dict(label_dim=5, label_dropout=0.5),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_and_tangent_equals_forward_and_jvp(variant: dict):
+    """Same seed, dropout active: u is forward's bit for bit (gradients too), u_t is the jvp's."""
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**{**TINY, "dropout": 0.3, **variant})).double().train()
+    z, v, t, r, aug = tiny_inputs(torch.float64)
+    labels = F.one_hot(torch.tensor([1, 3]), 5).double() if variant.get("label_dim") else None
+    ones = torch.ones_like(t)
+    w = torch.randn(z.shape[:1] + (TINY["out_channels"],) + z.shape[2:], generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+
+    def grads(u):
+        return torch.autograd.grad((w * u).sum(), list(net.parameters()), allow_unused=True)
+
+    torch.manual_seed(5)
+    u_plain = net(z, t, t - r, aug, labels)
+    state_plain = torch.get_rng_state()
+    torch.manual_seed(5)
+    u, u_t = net.forward_and_tangent(z, t, t - r, v, ones, ones, aug_cond=aug, class_labels=labels)
+    state_network = torch.get_rng_state()
+    torch.manual_seed(5)
+    u_jvp, dudt = torch.func.jvp(lambda a, b, c: net(a, b, b - c, aug, labels),
+                                 (z, t, r), (v, ones, torch.zeros_like(r)))
+
+    assert torch.equal(state_plain, state_network)  # same random draws, in the same order
+    assert torch.equal(u, u_plain) and torch.equal(u, u_jvp)
+    assert not u_t.requires_grad and u.requires_grad
+    assert dudt.abs().max() > 1e-3
+    assert rel_err(u_t, dudt) < 1e-12
+    for got, want in zip(grads(u), grads(u_plain)):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
+def test_forward_and_tangent_eval_mode_and_float32():
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**{**TINY, "dropout": 0.3})).eval()
+    z, v, t, r, aug = tiny_inputs()
+    ones = torch.ones_like(t)
+    u, u_t = net.forward_and_tangent(z, t, t - r, v, ones, ones, aug_cond=aug)
+    u_jvp, dudt = torch.func.jvp(lambda a, b, c: net(a, b, b - c, aug), (z, t, r), (v, ones, torch.zeros_like(r)))
+    assert u.dtype == u_t.dtype == torch.float32
+    assert torch.equal(u, u_jvp)
+    assert rel_err(u_t, dudt) < 1e-5
+
+
+def test_dropout_of_ones_is_the_mask_of_dropout():
+    """The tangent path draws its mask as F.dropout(ones): the same draws and the same output."""
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    torch.manual_seed(7)
+    want = F.dropout(x, p=0.3, training=True)
+    after_want = torch.get_rng_state()
+    torch.manual_seed(7)
+    mask = F.dropout(torch.ones_like(x), p=0.3, training=True)
+    assert torch.equal(torch.get_rng_state(), after_want)
+    assert torch.equal(x * mask, want)
+
+
+@pytest.mark.parametrize("kwargs", [dict(adaptive_scale=True, attention=True, up=True),
+                                    dict(adaptive_scale=False, down=True, resample_proj=True)])
+def test_block_tangent_matches_jvp(kwargs: dict):
+    """Block options SongUNet does not use (adaptive scale) still get the right tangent."""
+    torch.manual_seed(0)
+    block = perturbed(UNetBlock(8, 16, 12, num_heads=2, dropout=0.2, resample_filter=[1, 3, 3, 1],
+                                **kwargs)).double().train()
+    gen = torch.Generator().manual_seed(0)
+    x, x_t = (torch.randn(2, 8, 6, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+    emb, emb_t = (torch.randn(2, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    torch.manual_seed(1)
+    y, y_t = block.forward_and_tangent(x, emb, x_t, emb_t)
+    torch.manual_seed(1)
+    y_jvp, dy = torch.func.jvp(block, (x, emb), (x_t, emb_t))
+    assert torch.equal(y, y_jvp)
+    assert rel_err(y_t, dy) < 1e-12
+
+
+def test_network_mode_needs_forward_and_tangent():
+    meanflow = pytest.importorskip("meanflow")
+    net = SongUNet(**TINY)
+    z, v, t, r, aug = tiny_inputs()
+    with pytest.raises(ValueError, match="'network'.*lacks forward_and_tangent"):
+        meanflow.u_and_dudt(lambda z_, t_, h_, aug_cond=None: net(z_, t_, h_, aug_cond), z, t, r, v, aug,
+                            jvp_mode="network")
+
+
+def _loss_flops_and_grads(net, jvp_mode: str):
+    meanflow = pytest.importorskip("meanflow")
+    z, v, t, r, aug = tiny_inputs(batch=4)
+    net.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    with FlopCounterMode(display=False) as counter:
+        loss = meanflow.MeanFlow(jvp_mode=jvp_mode).loss(net, z, aug, noise=v, t=t, r=r)
+        loss.backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops(), loss.detach(), grads
+
+
+def test_network_mode_saves_flops_and_keeps_loss():
+    """Forward AD of a convolution also convolves the input with the weights' zero tangent; the
+    network path skips that product and gives the same loss and gradients (dropout included)."""
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**{**TINY, "dropout": 0.2})).train()
+    joint_flops, joint_loss, joint_grads = _loss_flops_and_grads(net, "joint")
+    network_flops, network_loss, network_grads = _loss_flops_and_grads(net, "network")
+    assert network_flops < 0.9 * joint_flops, (network_flops, joint_flops)
+    assert rel_err(network_loss, joint_loss) < 1e-6
+    for got, want in zip(network_grads, joint_grads):
+        assert rel_err(got, want) < 1e-5
 
 
 # ---------------------------------------------------------------- building blocks
