@@ -355,7 +355,7 @@ class Trainer:
         rows = slice(self.env.rank * self.batch, (self.env.rank + 1) * self.batch)
         epoch, k = divmod(step, self.steps_per_epoch)
         idx = data_utils.batch_indices(self.cfg["seed"], epoch, len(self.images), self.global_batch, k)[rows]
-        x = data_utils.to_float(self.images[idx.to(self.device, non_blocking=True)])
+        x = data_utils.to_float(self.images[data_utils.to_device(idx, self.device)])
         where = dict(offset=rows.start, total=self.global_batch)
         if self.flip:
             x = data_utils.random_hflip(x, self.generator(step, "flip", "cpu"), **where)

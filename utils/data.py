@@ -4,6 +4,7 @@ Data order and flips depend only on (seed, epoch, step, sample index), never on 
 processes or on process state, so a run resumes exactly and a rank's slice of a global batch is
 what the single-process run would have seen in those rows.
 """
+import functools
 import hashlib
 from pathlib import Path
 
@@ -127,8 +128,14 @@ def batch_indices(seed: int, epoch: int, num_items: int, global_batch: int, step
     steps = steps_per_epoch(num_items, global_batch)
     if not 0 <= step_in_epoch < steps:
         raise ValueError(f"step_in_epoch {step_in_epoch} out of range: an epoch has {steps} steps")
-    order = torch.randperm(num_items, generator=make_generator(seed, "epoch", epoch))
-    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
+    order = _epoch_order(seed, epoch, num_items)
+    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch].clone()
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, num_items: int) -> torch.Tensor:
+    """The permutation of epoch `epoch`: drawn once per epoch, not once per step."""
+    return torch.randperm(num_items, generator=make_generator(seed, "epoch", epoch))
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:

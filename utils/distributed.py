@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.distributed as dist
 
+from utils.data import to_device
+
 
 @dataclass
 class DistEnv:
@@ -210,8 +212,8 @@ class GradSync:
             views = self._views(group, flat)
             has = [p.grad is not None for p in group]
             flags = flat[-len(group):]
-            # Flags from a host list: a host-to-device copy, which never waits for the device.
-            flags.copy_(torch.tensor(has, dtype=flat.dtype), non_blocking=True)
+            # Flags from a host list, copied without waiting for the device.
+            flags.copy_(to_device(torch.tensor(has, dtype=flat.dtype), flags.device))
             present = [(v, p.grad) for v, p, h in zip(views, group, has) if h]
             if present:
                 torch._foreach_copy_([v for v, _ in present], [g.reshape(v.shape) for v, g in present])
