@@ -10,7 +10,8 @@ warm-up that includes compilation, over a window timed with CUDA events (wall cl
 `--baseline DIR` times the authors' release training step the same way in the same process:
 DIR is a local copy of their repository (keep it in a folder git ignores; it is not part of
 this project). Both sides use the same batch, precision settings and card, so the ratio is
-like for like; the release's DataLoader is replaced by the same GPU-resident images, which
+like for like (the release has no bf16 path: beside `--precision bf16` it runs TF32, and the
+ratio is then not at equal numerics); the release's DataLoader is replaced by the same GPU-resident images, which
 only flatters the release.
 
 FLOPs are counted with torch.utils.flop_counter on an eager pass at batch 2: the network's
@@ -39,10 +40,10 @@ from utils.distributed import init_distributed
 
 # Dense (no sparsity) peak FLOP/s by card name fragment, per precision: vendor data sheets.
 PEAKS = {
-    "H200": {"tf32": 494.7e12, "fp32": 66.9e12},
-    "H100 80GB HBM3": {"tf32": 494.7e12, "fp32": 66.9e12},  # SXM
-    "H100 PCIe": {"tf32": 378.0e12, "fp32": 51.2e12},
-    "A100": {"tf32": 156.0e12, "fp32": 19.5e12},
+    "H200": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 80GB HBM3": {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM
+    "H100 PCIe": {"bf16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    "A100": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
 }
 
 
@@ -56,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["on", "off"], default=None, help="torch.compile (default: on for cuda)")
     p.add_argument("--compile_mode", default="default",
                    help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
-    p.add_argument("--precision", choices=["tf32", "fp32"], default="tf32",
-                   help="tf32: TF32 matmuls and convolutions (what the release runs); fp32: full fp32")
+    p.add_argument("--precision", choices=train.PRECISIONS, default="tf32",
+                   help="as train.py --precision; the release always runs tf32 (with bf16 the ratio is not "
+                        "at equal numerics)")
     p.add_argument("--memory_format", choices=["contiguous", "channels_last"], default="contiguous")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--baseline", default=None, metavar="DIR", help="also time the release found in DIR")
@@ -78,13 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not torch.cuda.is_available() or args.device == "cpu":
             p.error("--baseline needs a GPU: the release's random-state handling assumes CUDA")
     return args
-
-
-def set_precision(precision: str) -> None:
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
 def synthetic_images(cfg: dict, count: int) -> torch.Tensor:
@@ -239,18 +234,20 @@ def baseline(args, cfg: dict, device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    flags = ["--preset", args.preset, "--jvp_mode", args.jvp_mode]
+    flags = ["--preset", args.preset, "--jvp_mode", args.jvp_mode, "--precision", args.precision]
     flags += ["--batch_size", str(args.batch_size)] if args.batch_size else []
     flags += ["--device", args.device] if args.device else []
     flags += {"on": ["--compile"], "off": ["--not_compile"], None: []}[args.compile]
     cfg = train.resolve_config(flags)
     env = init_distributed(cfg["device"])
     device = env.device
-    set_precision(args.precision)
+    train.apply_precision(args.precision)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((p.get(args.precision) for k, p in PEAKS.items() if k in name), None) if device.type == "cuda" else None
+    peaks = next((p for k, p in PEAKS.items() if k in name), {}) if device.type == "cuda" else {}
+    # The release has no low-precision path: beside our bf16 it runs (and is measured against) TF32.
+    precisions = dict(ours=args.precision, release="fp32" if args.precision == "fp32" else "tf32")
 
     report = dict(device=name, torch=torch.__version__, preset=args.preset, batch_size=cfg["batch_size"],
                   jvp_mode=args.jvp_mode, compile=cfg["compile"], compile_mode=args.compile_mode,
@@ -263,7 +260,9 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        train.apply_precision(precisions["release"])
         report["release"] = baseline(args, cfg, device)
+        report["release"]["precision"] = precisions["release"]
         report["speedup"] = report["ours"]["images_per_s"] / report["release"]["images_per_s"]
 
     print(f"device {name} | torch {torch.__version__} | preset {args.preset} | batch {cfg['batch_size']} | "
@@ -280,10 +279,12 @@ def main(argv=None) -> int:
         line = (f"{side:8s} {r['images_per_s']:9.1f} images/s | {r['ms_per_step']:8.2f} ms/step | "
                 f"compile {r['compile_s']:6.1f} s")
         line += f" | peak {r['peak_memory_gib']:.2f} GiB" + ("" if device.type == "cuda" else " (RSS growth)")
+        peak = peaks.get(precisions[side])
         if peak and report["flops"]:
             achieved = r["images_per_s"] * report["flops"]["train_step_per_image"]
             r["fraction_of_peak"] = achieved / peak
-            line += f" | {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} ({args.precision} dense)"
+            line += (f" | {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} "
+                     f"({precisions[side]} dense)")
         print(line)
     if "speedup" in report:
         print(f"ratio ours / release: {report['speedup']:.2f}x images/s")

@@ -12,6 +12,7 @@ import torch
 
 TR_SAMPLERS = ("v0", "v1")
 JVP_MODES = ("joint", "split", "network")
+AUTOCAST_DTYPES = (None, torch.bfloat16)
 
 
 def _broadcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,9 @@ class MeanFlow:
         r = min(t, r) also ties some of those, so P(r != t) = ratio * P(r_raw < t_raw)).
     norm_p, norm_eps: per-sample loss err / stopgrad(err + norm_eps) ** norm_p; norm_p = 0 is plain L2.
     jvp_mode: "joint", "split" or "network", see ``u_and_dudt``.
+    autocast: None (the network runs in x's dtype) or torch.bfloat16:
+        the network's forward and tangent then run under ``torch.autocast`` with it, and u and
+        du/dt are cast back to float32 before the target, the error and the weighting.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class MeanFlow:
         norm_p: float = 0.75,
         norm_eps: float = 1e-3,
         jvp_mode: str = "joint",
+        autocast: torch.dtype | None = None,
     ):
         if tr_sampler not in TR_SAMPLERS:
             raise ValueError(f"unknown tr_sampler {tr_sampler!r}: use one of {TR_SAMPLERS}")
@@ -132,6 +137,9 @@ class MeanFlow:
             raise ValueError(f"norm_p={norm_p} must be >= 0 (0 disables the adaptive weighting)")
         if not norm_eps >= 0.0:
             raise ValueError(f"norm_eps={norm_eps} must be >= 0")
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast={autocast!r}: use None (full precision) or one of "
+                             f"{[d for d in AUTOCAST_DTYPES if d is not None]}")
         for name, std in (("P_std_t", P_std_t), ("P_std_r", P_std_r)):
             if not std >= 0.0:
                 raise ValueError(f"{name}={std} is a standard deviation: use a value >= 0")
@@ -141,6 +149,7 @@ class MeanFlow:
         self.ratio = float(ratio)
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.jvp_mode = jvp_mode
+        self.autocast = autocast
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -183,8 +192,9 @@ class MeanFlow:
         x: [B, ...] data; aug_cond is passed to the network unchanged. noise ([B, ...]) and t, r
         ([B], t >= r, given together) are used as they are when given; otherwise noise and then
         (t, r) are drawn from ``generator`` (dropout inside ``net`` uses the global RNG).
-        Computed in float32 (float64 if x is float64) with autocast disabled: the target
-        subtracts (t - r) du/dt from v, which half precision would swamp.
+        Computed in float32 (float64 if x is float64) with an outer autocast disabled: the
+        target subtracts (t - r) du/dt from v, which half precision would swamp. Only the
+        network's own arithmetic runs in low precision, and only when ``autocast`` is set.
         """
         if x.dim() < 1 or x.shape[0] < 1:
             raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
@@ -208,7 +218,9 @@ class MeanFlow:
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = (1 - _broadcast(t, x)) * x + _broadcast(t, x) * noise
             v = noise - x
-            u, dudt = u_and_dudt(net, z, t, r, v, aug_cond, jvp_mode=self.jvp_mode)
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                u, dudt = u_and_dudt(net, z, t, r, v, aug_cond, jvp_mode=self.jvp_mode)
+            u, dudt = u.to(dtype), dudt.to(dtype)
             u_tgt = (v - _broadcast(t - r, x) * dudt).detach()
             err = (u - u_tgt).square().reshape(batch, -1).sum(dim=1)
             # Adaptive weighting: dividing by (err + eps)^p turns the L2 loss into roughly ||.||^(2 - 2p).

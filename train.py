@@ -44,6 +44,7 @@ from utils import data as data_utils
 from utils.distributed import DistEnv, GradSync, barrier, check_consistency, cleanup, init_distributed
 
 CHECKPOINT_FORMAT = "meanflow-pytorch/1"
+PRECISIONS = ("tf32", "fp32", "bf16")
 LAST = "checkpoint-last.pth"
 WARMUP_START = 1e-8  # the release's LinearLR starts at lr = 1e-8 (start_factor = 1e-8 / lr)
 GRID_SIZE = 64       # samples per grid image
@@ -61,7 +62,7 @@ DEFAULTS = dict(
     # Additions of this repository. The network defaults are the release's CIFAR-10 network.
     preset=None, max_steps=None, ckpt_every=1000, snapshot_every=0, check_every=1000,
     model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
-    ema_period=16, jvp_mode="joint", cpu_threads=0,
+    ema_period=16, jvp_mode="joint", cpu_threads=0, precision="tf32",
 )
 
 _CIFAR10_RELEASE = dict(
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("devices and processes")
     add("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     add("--cpu_threads", type=int, help="threads for CPU work (torch.set_num_threads); 0: PyTorch's default")
+    add("--precision", choices=list(PRECISIONS), help="tf32: float32 with TF32 matmuls and convolutions on CUDA, "
+        "as the release runs; fp32: full float32; bf16: the network's forward and JVP under bfloat16 autocast, "
+        "the loss arithmetic in float32 (on CPU tf32 is fp32)")
     add("--compile", action="store_true", help="torch.compile the training step (default: on for cuda, off for cpu)")
     add("--not_compile", action="store_false", dest="compile", help="do not torch.compile the training step")
     add("--world_size", type=int, help=ignored + "read from torchrun's or SLURM's environment")
@@ -242,7 +246,19 @@ def validate(cfg: dict) -> None:
 
 def make_method(cfg: dict) -> meanflow.MeanFlow:
     keys = ("tr_sampler", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r", "ratio", "norm_p", "norm_eps", "jvp_mode")
-    return meanflow.MeanFlow(**{k: cfg[k] for k in keys})
+    autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
+    return meanflow.MeanFlow(**{k: cfg[k] for k in keys}, autocast=autocast)
+
+
+def apply_precision(precision: str) -> None:
+    """CUDA's float32 matmul and convolution settings for --precision (no effect on CPU).
+
+    bf16 keeps TF32 for what runs outside autocast (the loss arithmetic is elementwise).
+    """
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
 def unet_config(cfg: dict, img_shape: tuple[int, int, int]) -> dict:
@@ -679,7 +695,7 @@ def run(cfg: dict, env: DistEnv) -> int:
     log("config:\n" + json.dumps(cfg, indent=2, sort_keys=True))
     if cfg["device"] == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the release runs
+        apply_precision(cfg["precision"])
 
     ckpt, source = find_start(cfg, out)
     if cfg["eval_only"] and ckpt is None:

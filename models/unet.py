@@ -214,11 +214,17 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
 
 
 def _normalize(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x - mean) / std per group, shaped like x, and 1 / std [B, num_groups, 1]."""
+    """(x - mean) / std per group, shaped and typed like x, and 1 / std [B, num_groups, 1].
+
+    The statistics are float32 at least: under bf16 autocast the convolutions hand over bf16
+    activations, and a mean near 100 rounded to bf16's 8-bit mantissa is off by up to 0.25
+    (F.group_norm is on autocast's float32 list for the same reason).
+    """
     groups = x.reshape(x.shape[0], num_groups, -1)
+    groups = groups.to(torch.promote_types(groups.dtype, torch.float32))
     var, mean = torch.var_mean(groups, dim=-1, keepdim=True, correction=0)
     rstd = torch.rsqrt(var + eps)
-    return ((groups - mean) * rstd).reshape(x.shape), rstd
+    return ((groups - mean) * rstd).to(x.dtype).reshape(x.shape), rstd
 
 
 def _scale_shift(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

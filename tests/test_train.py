@@ -119,6 +119,36 @@ def test_presets_resolve_and_flags_override():
     assert train.resolve_config(["--preset", "digits"])["dataset"] == "digits"
 
 
+def test_bf16_precision_follows_the_float32_run():
+    """--precision bf16 runs the network under bf16 autocast: the same steps, losses within bf16's
+    rounding of the float32 run's, weights kept in float32."""
+    from utils.distributed import init_distributed
+
+    losses = {}
+    for precision in ("tf32", "bf16"):
+        cfg = train.resolve_config([*TINY, "--precision", precision, "--dropout", "0"])
+        trainer = train.Trainer(cfg, init_distributed("cpu"))
+        assert trainer.method.autocast == (torch.bfloat16 if precision == "bf16" else None)
+        losses[precision] = torch.stack([trainer.train_step(step) for step in range(4)])
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert not torch.equal(losses["bf16"], losses["tf32"])
+    torch.testing.assert_close(losses["bf16"], losses["tf32"], rtol=2e-2, atol=0)
+
+
+def test_precision_settings_of_cuda_matmuls_and_convolutions():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    try:
+        train.apply_precision("fp32")
+        assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+        for precision in ("tf32", "bf16"):
+            train.apply_precision(precision)
+            assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
 def test_lr_schedule_is_the_release_schedulers():
     lr, warmup = 0.0006, 5
     params = [torch.nn.Parameter(torch.zeros(1))]

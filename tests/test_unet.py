@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from torch.utils.flop_counter import FlopCounterMode
 
+import meanflow
 from models.unet import CIFAR10_CONFIG, SongUNet, UNetBlock, group_norm, self_attention
 
 RELEASE_PREFIXES = ("net", "net_ema", "net_ema1", "net_ema2")
@@ -126,7 +127,6 @@ def test_jvp_matches_release(fixtures_dir: Path):
 
 
 def test_forward_and_tangent_matches_release(fixtures_dir: Path):
-    meanflow = pytest.importorskip("meanflow")
     ref, nets = load_reference(fixtures_dir)
     inp = ref["inputs"]
     u, dudt = meanflow.u_and_dudt(nets["net"], inp["z"], inp["t"], inp["r"], inp["v"], inp["aug_cond"],
@@ -137,7 +137,6 @@ def test_forward_and_tangent_matches_release(fixtures_dir: Path):
 
 @pytest.mark.parametrize("jvp_mode", ["joint", "split", "network"])
 def test_loss_and_grads_match_release(fixtures_dir: Path, jvp_mode: str):
-    meanflow = pytest.importorskip("meanflow")
     ref, nets = load_reference(fixtures_dir)
     inp, settings = ref["inputs"], ref["loss_settings"]
     net = nets["net"]
@@ -155,7 +154,6 @@ def test_loss_and_grads_match_release(fixtures_dir: Path, jvp_mode: str):
 
 
 def test_one_step_sample_matches_release(fixtures_dir: Path):
-    meanflow = pytest.importorskip("meanflow")
     ref, nets = load_reference(fixtures_dir)
     images = meanflow.sample(nets["net_ema1"], ref["inputs"]["noise"], steps=1)
     assert rel_err(images, ref["outputs"]["sample_1step_net_ema1"]) < 1e-4
@@ -321,7 +319,6 @@ def test_block_tangent_matches_jvp(kwargs: dict):
 
 
 def test_network_mode_needs_forward_and_tangent():
-    meanflow = pytest.importorskip("meanflow")
     net = SongUNet(**TINY)
     z, v, t, r, aug = tiny_inputs()
     with pytest.raises(ValueError, match="'network'.*lacks forward_and_tangent"):
@@ -330,7 +327,6 @@ def test_network_mode_needs_forward_and_tangent():
 
 
 def _loss_flops_and_grads(net, jvp_mode: str):
-    meanflow = pytest.importorskip("meanflow")
     z, v, t, r, aug = tiny_inputs(batch=4)
     net.zero_grad(set_to_none=True)
     torch.manual_seed(11)
@@ -362,6 +358,48 @@ def test_group_norm_equals_torch():
     x = torch.randn(3, 16, 5, 5, generator=gen)
     weight, bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
     torch.testing.assert_close(group_norm(x, 4, weight, bias, 1e-6), F.group_norm(x, 4, weight, bias, 1e-6))
+
+
+@pytest.mark.parametrize("jvp_mode, autocast", [("joint", torch.bfloat16), ("network", None),
+                                                ("network", torch.bfloat16)])
+def test_loss_traces_as_one_graph(jvp_mode: str, autocast):
+    """Dynamo traces the loss without a graph break (fullgraph) on every compiled path, and the
+    traced loss equals the eager one, dropout masks included."""
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**{**TINY, "dropout": 0.1})).train()
+    z, v, t, r, aug = tiny_inputs(batch=4)
+    method = meanflow.MeanFlow(jvp_mode=jvp_mode, autocast=autocast)
+    traced = torch.compile(lambda x, e, t, r: method.loss(net, x, aug, noise=e, t=t, r=r), backend="eager",
+                           fullgraph=True)
+    torch.manual_seed(1)
+    got = traced(z, v, t, r)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, method.loss(net, z, aug, noise=v, t=t, r=r), rtol=0, atol=0)
+
+
+def test_group_norm_of_bf16_keeps_float32_statistics():
+    """Under bf16 autocast the convolutions hand over bf16 activations. Their mean and 1 / std
+    are taken in float32: rounded to bf16, a mean of about 100 would be off by up to 0.25, a
+    quarter of a standard deviation here, where the output's own rounding is below 0.02."""
+    gen = torch.Generator().manual_seed(0)
+    x = (100 + torch.randn(3, 16, 5, 5, generator=gen)).bfloat16()
+    weight, bias = torch.ones(16), torch.zeros(16)
+    got = group_norm(x, 4, weight.bfloat16(), bias.bfloat16(), 1e-6)
+    assert got.dtype == torch.bfloat16
+    want = F.group_norm(x.float(), 4, weight, bias, 1e-6)
+    assert (got.float() - want).abs().max() < 0.02
+
+
+def test_network_and_joint_agree_under_bf16_autocast():
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**TINY)).train()
+    x, noise, t, r, aug = tiny_inputs(batch=4)
+    losses = {mode: meanflow.MeanFlow(jvp_mode=mode, autocast=torch.bfloat16).loss(net, x, aug, noise=noise, t=t, r=r)
+              for mode in ("joint", "network")}
+    full = meanflow.MeanFlow().loss(net, x, aug, noise=noise, t=t, r=r)
+    for loss in losses.values():
+        assert loss.dtype == torch.float32 and loss.item() != full.item() and rel_err(loss, full) < 2e-2
+    assert rel_err(losses["network"], losses["joint"]) < 2e-2
 
 
 def test_self_attention_equals_sdpa():
