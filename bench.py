@@ -11,13 +11,14 @@ warm-up that includes compilation, over a window timed with CUDA events (wall cl
 DIR is a local copy of their repository (keep it in a folder git ignores; it is not part of
 this project). Both sides use the same batch, precision settings and card, so the ratio is
 like for like (the release has no bf16 path: beside `--precision bf16` it runs TF32, and the
-ratio is then not at equal numerics); the release's DataLoader is replaced by the same GPU-resident images, which
-only flatters the release.
+ratio is then not at equal numerics); the release's DataLoader is replaced by the same
+GPU-resident images, which only flatters the release.
 
 FLOPs are counted with torch.utils.flop_counter on an eager pass at batch 2: the network's
-forward, and a full training step (JVP + backward). The fraction of peak is the achieved
-model-FLOP rate over the card's dense peak for the chosen precision (table below; unknown
-cards print no fraction).
+forward; a training step (JVP + backward) as the chosen JVP path runs it; and the work a step
+needs, without forward AD's products with the weights' all-zero tangents (what jvp_mode
+"network" runs). The fraction of peak credits both sides with that needed work, over the
+card's dense peak for the precision (table below; unknown cards print no fraction).
 """
 
 import argparse
@@ -32,11 +33,15 @@ import types
 from pathlib import Path
 
 import torch
+from torch._inductor import config as inductor_config
 from torch.utils.flop_counter import FlopCounterMode
 
 import meanflow
 import train
+from models.unet import SongUNet
 from utils.distributed import init_distributed
+
+CHECK_ROWS = 32  # images in the numerics check against the release
 
 # Dense (no sparsity) peak FLOP/s by card name fragment, per precision: vendor data sheets.
 PEAKS = {
@@ -60,7 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=train.PRECISIONS, default="tf32",
                    help="as train.py --precision; the release always runs tf32 (with bf16 the ratio is not "
                         "at equal numerics)")
-    p.add_argument("--memory_format", choices=["contiguous", "channels_last"], default="contiguous")
+    p.add_argument("--memory_format", choices=["contiguous", "channels_last"], default="contiguous",
+                   help="channels_last: weights (and so activations) in NHWC on both sides; compiled, inductor's "
+                        "layout optimisation is forced, since its heuristics decline this network (convolutions "
+                        "with fewer output than input channels)")
+    p.add_argument("--compiled_autograd", action="store_true",
+                   help="trace our backward with compiled autograd (torch._dynamo.config.compiled_autograd)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--baseline", default=None, metavar="DIR", help="also time the release found in DIR")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
@@ -136,14 +146,55 @@ def measure(step_fn, device: torch.device, warmup: int, steps: int, batch: int) 
     return out
 
 
+def compare_with_release(check: dict, release_model, device: torch.device) -> dict:
+    """Loss and gradients of our loss and the release's on the same weights and the same draws.
+
+    Both run eagerly under the precision settings in force, in eval mode (no dropout). The
+    weights are perturbed first, so that the near-zero output layers do not make u vanish.
+    """
+    net = SongUNet(**check["model_config"])
+    net.load_state_dict(check["state"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    net.to(device).eval()
+    if check.get("memory_format") == "channels_last":
+        net.to(memory_format=torch.channels_last)
+    release_model.net.load_state_dict(net.state_dict())
+    release_model.net.eval()
+    x, aug_cond, noise, t, r = (None if v is None else v.to(device) for v in check["batch"])
+
+    ours_loss = check["method"].loss(net, x, aug_cond, noise=noise, t=t, r=r)
+    ours_loss.backward()
+    # The release draws its noise and (t, r) inside forward_with_loss: hand it ours instead.
+    module = sys.modules[type(release_model).__module__]
+    saved = module.sample_two_timesteps, module.torch
+    module.sample_two_timesteps = lambda *args, **kwargs: (t, r)
+    module.torch = types.SimpleNamespace(**{**vars(torch), "randn_like": lambda like: noise.clone()})
+    try:
+        release_loss = release_model.forward_with_loss(x, aug_cond)
+        release_loss.backward()
+    finally:
+        module.sample_two_timesteps, module.torch = saved
+    release_grads = dict(release_model.net.named_parameters())
+    errors = {name: (p.grad - release_grads[name].grad).norm().item()
+              / max(release_grads[name].grad.norm().item(), 1e-30) for name, p in net.named_parameters()}
+    worst = max(errors, key=errors.get)
+    return dict(rows=len(x), loss_ours=ours_loss.item(), loss_release=release_loss.item(),
+                loss_relative_error=abs(ours_loss.item() - release_loss.item()) / abs(release_loss.item()),
+                gradient_worst_relative_error=errors[worst], gradient_worst_parameter=worst,
+                gradient_median_relative_error=sorted(errors.values())[len(errors) // 2])
+
+
 def count_flops(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
 
 
-def ours(args, cfg: dict, env) -> tuple[dict, dict]:
-    """Figures of this repository's training step, and FLOPs per image."""
+def ours(args, cfg: dict, env) -> tuple[dict, dict, dict]:
+    """Figures of this repository's training step, FLOPs per image, and what compare_with_release needs."""
     images = synthetic_images(cfg, max(4 * cfg["batch_size"], 1024))
     trainer = train.Trainer(cfg, env, images=images)
     if cfg["compile"]:
@@ -151,6 +202,11 @@ def ours(args, cfg: dict, env) -> tuple[dict, dict]:
                                         else args.compile_mode)
     if args.memory_format == "channels_last":
         trainer.model.to(memory_format=torch.channels_last)
+    # What the numerics check against the release needs, kept on the host so that it does not
+    # count towards our peak memory: the network's config and first weights, a batch of draws.
+    check = dict(model_config=trainer.model_config, method=trainer.method, memory_format=args.memory_format,
+                 state={k: v.detach().cpu().clone() for k, v in trainer.model.net.state_dict().items()},
+                 batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in trainer.make_batch(0)])
     flops = {}
     if not args.no_flops:
         net, method = trainer.model.net, trainer.method
@@ -158,9 +214,16 @@ def ours(args, cfg: dict, env) -> tuple[dict, dict]:
         flops["forward_per_image"] = count_flops(lambda: net(x, t, t - r, aug_cond)) / 2
         flops["train_step_per_image"] = count_flops(
             lambda: train.loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
+        needed = meanflow.MeanFlow(**{**vars(method), "jvp_mode": "network"})
+        flops["useful_train_step_per_image"] = count_flops(
+            lambda: train.loss_and_backward(net, needed, x, aug_cond, noise, t, r)) / 2
         trainer.optimizer.zero_grad(set_to_none=True)
-    figures = measure(trainer.train_step, trainer.device, args.warmup, args.steps, cfg["batch_size"])
-    return figures, flops
+    torch._dynamo.config.compiled_autograd = args.compiled_autograd
+    try:
+        figures = measure(trainer.train_step, trainer.device, args.warmup, args.steps, cfg["batch_size"])
+    finally:
+        torch._dynamo.config.compiled_autograd = False
+    return figures, flops, check
 
 
 @contextlib.contextmanager
@@ -196,8 +259,9 @@ def release_flags(cfg: dict) -> list[str]:
     return flags + (["--use_edm_aug"] if cfg["use_edm_aug"] else []) + ([] if cfg["compile"] else ["--not_compile"])
 
 
-def baseline(args, cfg: dict, device: torch.device) -> dict:
-    """Figures of the release's training step (the body of its train_one_epoch) on the same data."""
+def baseline(args, cfg: dict, device: torch.device, check: dict) -> tuple[dict, dict]:
+    """Figures of the release's training step (the body of its train_one_epoch) on the same data,
+    and the comparison of its loss and gradients with ours (see compare_with_release)."""
     if cfg["dataset"] == "digits":
         raise SystemExit("--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1): the release's "
                          "network is fixed to CIFAR-10's shape")
@@ -229,7 +293,9 @@ def baseline(args, cfg: dict, device: torch.device) -> dict:
             optimizer.step()
             model.update_ema()
 
-        return measure(one_step, device, args.warmup, args.steps, batch)
+        figures = measure(one_step, device, args.warmup, args.steps, batch)
+        optimizer.zero_grad(set_to_none=True)
+        return figures, compare_with_release(check, model, device)
 
 
 def main(argv=None) -> int:
@@ -242,6 +308,8 @@ def main(argv=None) -> int:
     env = init_distributed(cfg["device"])
     device = env.device
     train.apply_precision(args.precision)
+    if args.memory_format == "channels_last":
+        inductor_config.force_layout_optimization = True
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -253,7 +321,7 @@ def main(argv=None) -> int:
                   jvp_mode=args.jvp_mode, compile=cfg["compile"], compile_mode=args.compile_mode,
                   precision=args.precision, memory_format=args.memory_format,
                   date=time.strftime("%Y-%m-%d"))
-    report["ours"], report["flops"] = ours(args, cfg, env)
+    report["ours"], report["flops"], check = ours(args, cfg, env)
     if args.baseline:
         # Free our trainer and compiled graphs so that the release's peak memory is its own.
         gc.collect()
@@ -261,7 +329,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         train.apply_precision(precisions["release"])
-        report["release"] = baseline(args, cfg, device)
+        report["release"], report["numerics"] = baseline(args, cfg, device, check)
         report["release"]["precision"] = precisions["release"]
         report["speedup"] = report["ours"]["images_per_s"] / report["release"]["images_per_s"]
 
@@ -270,8 +338,9 @@ def main(argv=None) -> int:
           f"{args.memory_format}")
     if report["flops"]:
         f = report["flops"]
-        print(f"model FLOPs per image: forward {f['forward_per_image'] / 1e9:.4g} G, "
-              f"training step {f['train_step_per_image'] / 1e9:.4g} G")
+        print(f"model FLOPs per image: forward {f['forward_per_image'] / 1e9:.4g} G, training step "
+              f"{f['train_step_per_image'] / 1e9:.4g} G as run ({args.jvp_mode} JVP), of which "
+              f"{f['useful_train_step_per_image'] / 1e9:.4g} G are needed (no zero-tangent products)")
     for side in ("ours", "release"):
         if side not in report:
             continue
@@ -281,13 +350,19 @@ def main(argv=None) -> int:
         line += f" | peak {r['peak_memory_gib']:.2f} GiB" + ("" if device.type == "cuda" else " (RSS growth)")
         peak = peaks.get(precisions[side])
         if peak and report["flops"]:
-            achieved = r["images_per_s"] * report["flops"]["train_step_per_image"]
+            # Both sides are credited with the same, needed, work per image.
+            achieved = r["images_per_s"] * report["flops"]["useful_train_step_per_image"]
             r["fraction_of_peak"] = achieved / peak
             line += (f" | {achieved / 1e12:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of {peak / 1e12:.0f} "
                      f"({precisions[side]} dense)")
         print(line)
     if "speedup" in report:
         print(f"ratio ours / release: {report['speedup']:.2f}x images/s")
+        n = report["numerics"]
+        print(f"numerics on {n['rows']} images, same weights and draws: loss {n['loss_ours']:.6g} ours, "
+              f"{n['loss_release']:.6g} release (relative difference {n['loss_relative_error']:.2g}); gradients' "
+              f"relative difference median {n['gradient_median_relative_error']:.2g}, worst "
+              f"{n['gradient_worst_relative_error']:.2g} ({n['gradient_worst_parameter']})")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -1,11 +1,13 @@
 """bench.py keeps working on CPU, and its FLOP count agrees with an independent count."""
 
 import json
+import types
 
 import pytest
 import torch
 
 import bench
+from models.unet import SongUNet
 
 
 def test_cpu_smoke_run_reports_every_figure(tmp_path):
@@ -64,3 +66,77 @@ def test_cifar10_forward_flops_equal_the_published_count():
         x, t, aug = torch.randn(2, 3, 32, 32), torch.rand(2), torch.zeros(2, 6)
     per_image = bench.count_flops(lambda: net(x, t, t, aug)) / 2
     assert per_image == pytest.approx(42.4e9, rel=2e-3)
+
+
+class _ReleaseLikeNet(SongUNet):
+    """The release's calling convention: net(z, (t, h), aug_cond)."""
+
+    def forward(self, x, times, aug_cond=None):
+        return super().forward(x, times[0], times[1], aug_cond)
+
+
+def sample_two_timesteps(args, num_samples, device):  # replaced by the check
+    raise AssertionError("the numerics check must hand the release its (t, r)")
+
+
+class _ReleaseLikeModel(torch.nn.Module):
+    """A stand-in with the release's structure: `.net` and a loss that draws its own noise and times
+    from this module's `torch.randn_like` and `sample_two_timesteps`."""
+
+    def __init__(self, config, norm_p=0.75, norm_eps=1e-3):
+        super().__init__()
+        self.net, self.norm_p, self.norm_eps = _ReleaseLikeNet(**config), norm_p, norm_eps
+
+    def forward_with_loss(self, x, aug_cond):
+        e = torch.randn_like(x)
+        t, r = sample_two_timesteps(None, x.shape[0], x.device)
+        t, r = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+        z, v = (1 - t) * x + t * e, e - x
+        u, dudt = torch.func.jvp(lambda z, t, r: self.net(z, (t.view(-1), (t - r).view(-1)), aug_cond),
+                                 (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+        err = (u - (v - (t - r) * dudt).detach()).square().sum(dim=(1, 2, 3))
+        return (err / (err.detach() + self.norm_eps) ** self.norm_p).mean()
+
+
+@pytest.mark.parametrize("norm_p, equal", [(0.75, True), (0.5, False)])
+def test_numerics_check_feeds_the_release_our_draws(norm_p, equal):
+    """Against a model built like the release's, the check finds the same loss and gradients, and
+    a different loss (another norm_p) shows up as a difference."""
+    import train
+
+    cfg = train.resolve_config(["--preset", "tiny", "--device", "cpu"])
+    config = train.unet_config(cfg, (3, 8, 8))
+    gen = torch.Generator().manual_seed(0)
+    batch = [torch.rand(3, 3, 8, 8, generator=gen) * 2 - 1, torch.randn(3, 6, generator=gen),
+             torch.randn(3, 3, 8, 8, generator=gen), torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.1, 0.5, 0.0])]
+    check = dict(model_config=config, method=train.make_method(cfg), batch=batch,
+                 state=SongUNet(**config).state_dict())
+    result = bench.compare_with_release(check, _ReleaseLikeModel(config, norm_p=norm_p), torch.device("cpu"))
+    assert result["rows"] == 3
+    if equal:
+        assert result["loss_relative_error"] < 1e-6 and result["gradient_worst_relative_error"] < 1e-4, result
+    else:
+        assert result["loss_relative_error"] > 1e-2 and result["gradient_median_relative_error"] > 1e-2, result
+    # This module's names are put back.
+    assert isinstance(torch, types.ModuleType)
+    with pytest.raises(AssertionError, match="hand the release"):
+        sample_two_timesteps(None, 1, "cpu")
+
+
+def test_benchmark_script_runs_its_rows_and_summarises(tmp_path):
+    """benchmark.sh, with the tiny preset on CPU: each chosen row writes its JSON and log."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ROWS="network network_bf16", OMP_NUM_THREADS="1",
+               BENCH_FLAGS="--preset tiny --device cpu --compile off --steps 2 --warmup 1")
+    done = subprocess.run(["bash", str(root / "benchmark.sh"), "unused-release-dir", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for row, precision in (("network", "tf32"), ("network_bf16", "bf16")):
+        report = json.loads((tmp_path / f"{row}.json").read_text())
+        assert report["jvp_mode"] == "network" and report["precision"] == precision
+        assert f"{row}: exit 0" in done.stdout
+        assert any(line.startswith(row) and "img/s" in line for line in done.stdout.splitlines())
