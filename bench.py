@@ -29,6 +29,7 @@ import json
 import resource
 import sys
 import time
+import traceback
 import types
 from pathlib import Path
 
@@ -187,14 +188,40 @@ def compare_with_release(check: dict, release_model, device: torch.device) -> di
                 gradient_median_relative_error=sorted(errors.values())[len(errors) // 2])
 
 
+def attempt(errors: dict, what: str, fn):
+    """fn(), or None with the error printed and recorded under `what`: in a side-by-side run
+    one side failing must not lose the other's figures."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 (printed, recorded in the report, and the exit code says so)
+        traceback.print_exc()
+        errors[what] = f"{type(e).__name__}: {e}"
+        return None
+
+
 def count_flops(fn) -> float:
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
 
 
-def ours(args, cfg: dict, env) -> tuple[dict, dict, dict]:
-    """Figures of this repository's training step, FLOPs per image, and what compare_with_release needs."""
+def model_flops(trainer: train.Trainer) -> dict:
+    """FLOPs per image of the forward, of the training step as run, and of the step's needed work."""
+    net, method = trainer.model.net, trainer.method
+    x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in trainer.make_batch(0))
+    flops = dict(forward_per_image=count_flops(lambda: net(x, t, t - r, aug_cond)) / 2)
+    flops["train_step_per_image"] = count_flops(
+        lambda: train.loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
+    needed = meanflow.MeanFlow(**{**vars(method), "jvp_mode": "network"})
+    flops["useful_train_step_per_image"] = count_flops(
+        lambda: train.loss_and_backward(net, needed, x, aug_cond, noise, t, r)) / 2
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return flops
+
+
+def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
+    """Figures of this repository's training step, FLOPs per image, and what compare_with_release
+    needs; a failed FLOP count or timing is recorded in `errors` (and gives {} or None)."""
     images = synthetic_images(cfg, max(4 * cfg["batch_size"], 1024))
     trainer = train.Trainer(cfg, env, images=images)
     if cfg["compile"]:
@@ -207,20 +234,11 @@ def ours(args, cfg: dict, env) -> tuple[dict, dict, dict]:
     check = dict(model_config=trainer.model_config, method=trainer.method, memory_format=args.memory_format,
                  state={k: v.detach().cpu().clone() for k, v in trainer.model.net.state_dict().items()},
                  batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in trainer.make_batch(0)])
-    flops = {}
-    if not args.no_flops:
-        net, method = trainer.model.net, trainer.method
-        x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in trainer.make_batch(0))
-        flops["forward_per_image"] = count_flops(lambda: net(x, t, t - r, aug_cond)) / 2
-        flops["train_step_per_image"] = count_flops(
-            lambda: train.loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
-        needed = meanflow.MeanFlow(**{**vars(method), "jvp_mode": "network"})
-        flops["useful_train_step_per_image"] = count_flops(
-            lambda: train.loss_and_backward(net, needed, x, aug_cond, noise, t, r)) / 2
-        trainer.optimizer.zero_grad(set_to_none=True)
+    flops = {} if args.no_flops else attempt(errors, "flops", lambda: model_flops(trainer)) or {}
     torch._dynamo.config.compiled_autograd = args.compiled_autograd
     try:
-        figures = measure(trainer.train_step, trainer.device, args.warmup, args.steps, cfg["batch_size"])
+        figures = attempt(errors, "ours", lambda: measure(trainer.train_step, trainer.device, args.warmup, args.steps,
+                                                          cfg["batch_size"]))
     finally:
         torch._dynamo.config.compiled_autograd = False
     return figures, flops, check
@@ -259,9 +277,10 @@ def release_flags(cfg: dict) -> list[str]:
     return flags + (["--use_edm_aug"] if cfg["use_edm_aug"] else []) + ([] if cfg["compile"] else ["--not_compile"])
 
 
-def baseline(args, cfg: dict, device: torch.device, check: dict) -> tuple[dict, dict]:
+def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: dict) -> tuple[dict, dict | None]:
     """Figures of the release's training step (the body of its train_one_epoch) on the same data,
-    and the comparison of its loss and gradients with ours (see compare_with_release)."""
+    and the comparison of its loss and gradients with ours (compare_with_release; None without
+    `check` or when it fails, which is recorded in `errors`)."""
     if cfg["dataset"] == "digits":
         raise SystemExit("--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1): the release's "
                          "network is fixed to CIFAR-10's shape")
@@ -295,7 +314,10 @@ def baseline(args, cfg: dict, device: torch.device, check: dict) -> tuple[dict, 
 
         figures = measure(one_step, device, args.warmup, args.steps, batch)
         optimizer.zero_grad(set_to_none=True)
-        return figures, compare_with_release(check, model, device)
+        # Inside this block: the comparison reaches into the release's modules.
+        numerics = None if check is None else attempt(errors, "numerics",
+                                                      lambda: compare_with_release(check, model, device))
+        return figures, numerics
 
 
 def main(argv=None) -> int:
@@ -321,7 +343,14 @@ def main(argv=None) -> int:
                   jvp_mode=args.jvp_mode, compile=cfg["compile"], compile_mode=args.compile_mode,
                   precision=args.precision, memory_format=args.memory_format,
                   date=time.strftime("%Y-%m-%d"))
-    report["ours"], report["flops"], check = ours(args, cfg, env)
+    errors = report["errors"] = {}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+    report["ours"], report["flops"], check = attempt(errors, "ours (set-up)", lambda: ours(args, cfg, env, errors)) or (None, {}, None)
+    save()  # a side-by-side run cut short still leaves our figures
     if args.baseline:
         # Free our trainer and compiled graphs so that the release's peak memory is its own.
         gc.collect()
@@ -329,9 +358,12 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         train.apply_precision(precisions["release"])
-        report["release"], report["numerics"] = baseline(args, cfg, device, check)
-        report["release"]["precision"] = precisions["release"]
-        report["speedup"] = report["ours"]["images_per_s"] / report["release"]["images_per_s"]
+        report["release"], report["numerics"] = (attempt(errors, "release", lambda: baseline(args, cfg, device, check, errors))
+                                                 or (None, None))
+        if report["release"] is not None:
+            report["release"]["precision"] = precisions["release"]
+        if report["ours"] is not None and report["release"] is not None:
+            report["speedup"] = report["ours"]["images_per_s"] / report["release"]["images_per_s"]
 
     print(f"device {name} | torch {torch.__version__} | preset {args.preset} | batch {cfg['batch_size']} | "
           f"jvp {args.jvp_mode} | compile {cfg['compile']} ({args.compile_mode}) | {args.precision} | "
@@ -342,7 +374,7 @@ def main(argv=None) -> int:
               f"{f['train_step_per_image'] / 1e9:.4g} G as run ({args.jvp_mode} JVP), of which "
               f"{f['useful_train_step_per_image'] / 1e9:.4g} G are needed (no zero-tangent products)")
     for side in ("ours", "release"):
-        if side not in report:
+        if report.get(side) is None:
             continue
         r = report[side]
         line = (f"{side:8s} {r['images_per_s']:9.1f} images/s | {r['ms_per_step']:8.2f} ms/step | "
@@ -358,14 +390,16 @@ def main(argv=None) -> int:
         print(line)
     if "speedup" in report:
         print(f"ratio ours / release: {report['speedup']:.2f}x images/s")
-        n = report["numerics"]
+    n = report.get("numerics")
+    if n is not None:
         print(f"numerics on {n['rows']} images, same weights and draws: loss {n['loss_ours']:.6g} ours, "
               f"{n['loss_release']:.6g} release (relative difference {n['loss_relative_error']:.2g}); gradients' "
               f"relative difference median {n['gradient_median_relative_error']:.2g}, worst "
               f"{n['gradient_worst_relative_error']:.2g} ({n['gradient_worst_parameter']})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    for what, error in errors.items():
+        print(f"FAILED {what}: {error}")
+    save()
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

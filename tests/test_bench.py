@@ -130,13 +130,26 @@ def test_benchmark_script_runs_its_rows_and_summarises(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, ROWS="network network_bf16", OMP_NUM_THREADS="1",
+    env = dict(os.environ, ROWS="joint network_bf16", OMP_NUM_THREADS="1",
                BENCH_FLAGS="--preset tiny --device cpu --compile off --steps 2 --warmup 1")
     done = subprocess.run(["bash", str(root / "benchmark.sh"), "unused-release-dir", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    for row, precision in (("network", "tf32"), ("network_bf16", "bf16")):
+    for row, jvp_mode, precision in (("joint", "joint", "tf32"), ("network_bf16", "network", "bf16")):
         report = json.loads((tmp_path / f"{row}.json").read_text())
-        assert report["jvp_mode"] == "network" and report["precision"] == precision
+        assert report["jvp_mode"] == jvp_mode and report["precision"] == precision
         assert f"{row}: exit 0" in done.stdout
         assert any(line.startswith(row) and "img/s" in line for line in done.stdout.splitlines())
+
+
+def test_a_failing_part_is_reported_without_losing_the_rest(tmp_path, monkeypatch, capsys):
+    def broken(trainer):
+        raise RuntimeError("counter broke")
+
+    monkeypatch.setattr(bench, "model_flops", broken)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["errors"] == {"flops": "RuntimeError: counter broke"}
+    assert report["flops"] == {} and report["ours"]["images_per_s"] > 0
+    assert "FAILED flops: RuntimeError: counter broke" in capsys.readouterr().out
