@@ -64,14 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_mode", default="default",
                    help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     p.add_argument("--precision", choices=train.PRECISIONS, default="tf32",
-                   help="as train.py --precision; the release always runs tf32 (with bf16 the ratio is not "
-                        "at equal numerics)")
+                   help="as train.py --precision; the release has no bf16 path and runs tf32 beside bf16 "
+                        "(the ratio is then not at equal numerics)")
     p.add_argument("--memory_format", choices=["contiguous", "channels_last"], default="contiguous",
                    help="channels_last: weights (and so activations) in NHWC on both sides; compiled, inductor's "
                         "layout optimisation is forced, since its heuristics decline this network (convolutions "
                         "with fewer output than input channels)")
     p.add_argument("--compiled_autograd", action="store_true",
-                   help="trace our backward with compiled autograd (torch._dynamo.config.compiled_autograd)")
+                   help="with --compile on: also trace our backward with compiled autograd "
+                        "(torch._dynamo.config.compiled_autograd)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--baseline", default=None, metavar="DIR", help="also time the release found in DIR")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
@@ -164,6 +165,7 @@ def compare_with_release(check: dict, release_model, device: torch.device) -> di
         net.to(memory_format=torch.channels_last)
     release_model.net.load_state_dict(net.state_dict())
     release_model.net.eval()
+    release_model.net.zero_grad(set_to_none=True)
     x, aug_cond, noise, t, r = (None if v is None else v.to(device) for v in check["batch"])
 
     ours_loss = check["method"].loss(net, x, aug_cond, noise=noise, t=t, r=r)
@@ -186,6 +188,19 @@ def compare_with_release(check: dict, release_model, device: torch.device) -> di
                 loss_relative_error=abs(ours_loss.item() - release_loss.item()) / abs(release_loss.item()),
                 gradient_worst_relative_error=errors[worst], gradient_worst_parameter=worst,
                 gradient_median_relative_error=sorted(errors.values())[len(errors) // 2])
+
+
+@contextlib.contextmanager
+def float32_settings():
+    """Full float32 matmuls and convolutions for a block, then the previous settings."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    train.apply_precision("fp32")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
 
 
 def attempt(errors: dict, what: str, fn):
@@ -224,6 +239,8 @@ def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
     needs; a failed FLOP count or timing is recorded in `errors` (and gives {} or None)."""
     images = synthetic_images(cfg, max(4 * cfg["batch_size"], 1024))
     trainer = train.Trainer(cfg, env, images=images)
+    # torch.compile reads this setting when it wraps the function, not when the function runs.
+    torch._dynamo.config.compiled_autograd = args.compiled_autograd
     if cfg["compile"]:
         trainer.step_fn = torch.compile(train.loss_and_backward, mode=None if args.compile_mode == "default"
                                         else args.compile_mode)
@@ -235,7 +252,6 @@ def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
                  state={k: v.detach().cpu().clone() for k, v in trainer.model.net.state_dict().items()},
                  batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in trainer.make_batch(0)])
     flops = {} if args.no_flops else attempt(errors, "flops", lambda: model_flops(trainer)) or {}
-    torch._dynamo.config.compiled_autograd = args.compiled_autograd
     try:
         figures = attempt(errors, "ours", lambda: measure(trainer.train_step, trainer.device, args.warmup, args.steps,
                                                           cfg["batch_size"]))
@@ -312,11 +328,17 @@ def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: 
             optimizer.step()
             model.update_ema()
 
-        figures = measure(one_step, device, args.warmup, args.steps, batch)
+        figures = attempt(errors, "release", lambda: measure(one_step, device, args.warmup, args.steps, batch))
         optimizer.zero_grad(set_to_none=True)
-        # Inside this block: the comparison reaches into the release's modules.
-        numerics = None if check is None else attempt(errors, "numerics",
-                                                      lambda: compare_with_release(check, model, device))
+        if check is None:
+            return figures, None
+        # Inside this block: the comparison reaches into the release's modules. As run, TF32
+        # rounding on a GPU can hide a real difference of 1e-3, so the check is also run in full
+        # float32 (and, for a bf16 run, without autocast).
+        numerics = dict(as_run=attempt(errors, "numerics", lambda: compare_with_release(check, model, device)))
+        exact = dict(check, method=meanflow.MeanFlow(**{**vars(check["method"]), "autocast": None}))
+        with float32_settings():
+            numerics["fp32"] = attempt(errors, "numerics (fp32)", lambda: compare_with_release(exact, model, device))
         return figures, numerics
 
 
@@ -355,10 +377,12 @@ def main(argv=None) -> int:
         # Free our trainer and compiled graphs so that the release's peak memory is its own.
         gc.collect()
         torch._dynamo.reset()
+        gc.collect()  # what the reset released
         if device.type == "cuda":
             torch.cuda.empty_cache()
         train.apply_precision(precisions["release"])
-        report["release"], report["numerics"] = (attempt(errors, "release", lambda: baseline(args, cfg, device, check, errors))
+        report["release"], report["numerics"] = (attempt(errors, "release (set-up)",
+                                                         lambda: baseline(args, cfg, device, check, errors))
                                                  or (None, None))
         if report["release"] is not None:
             report["release"]["precision"] = precisions["release"]
@@ -390,12 +414,12 @@ def main(argv=None) -> int:
         print(line)
     if "speedup" in report:
         print(f"ratio ours / release: {report['speedup']:.2f}x images/s")
-    n = report.get("numerics")
-    if n is not None:
-        print(f"numerics on {n['rows']} images, same weights and draws: loss {n['loss_ours']:.6g} ours, "
-              f"{n['loss_release']:.6g} release (relative difference {n['loss_relative_error']:.2g}); gradients' "
-              f"relative difference median {n['gradient_median_relative_error']:.2g}, worst "
-              f"{n['gradient_worst_relative_error']:.2g} ({n['gradient_worst_parameter']})")
+    for kind, n in (report.get("numerics") or {}).items():
+        if n is not None:
+            print(f"numerics {kind} on {n['rows']} images, same weights and draws: loss {n['loss_ours']:.6g} ours, "
+                  f"{n['loss_release']:.6g} release (relative difference {n['loss_relative_error']:.2g}); "
+                  f"gradients' relative difference median {n['gradient_median_relative_error']:.2g}, worst "
+                  f"{n['gradient_worst_relative_error']:.2g} ({n['gradient_worst_parameter']})")
     for what, error in errors.items():
         print(f"FAILED {what}: {error}")
     save()

@@ -218,7 +218,10 @@ class MeanFlow:
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = (1 - _broadcast(t, x)) * x + _broadcast(t, x) * noise
             v = noise - x
-            with torch.autocast(device_type=x.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            # No cast cache: before torch 2.10 a weight cast under split mode's no_grad JVP was reused
+            # by the forward that follows, which then had no path back to the weight (pytorch#65766).
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast, enabled=self.autocast is not None,
+                                cache_enabled=False):
                 u, dudt = u_and_dudt(net, z, t, r, v, aug_cond, jvp_mode=self.jvp_mode)
             u, dudt = u.to(dtype), dudt.to(dtype)
             u_tgt = (v - _broadcast(t - r, x) * dudt).detach()

@@ -243,7 +243,7 @@ def _group_norm_tangent(x_t: torch.Tensor, normed: torch.Tensor, rstd: torch.Ten
     normed_t = (groups_t - groups_t.mean(dim=-1, keepdim=True)
                 - xhat * (xhat * groups_t).mean(dim=-1, keepdim=True)) * rstd
     affine_shape = (1, -1) + (1,) * (x_t.ndim - 2)
-    return normed_t.reshape(x_t.shape) * weight.view(affine_shape)
+    return (normed_t.reshape(x_t.shape) * weight.view(affine_shape)).to(x_t.dtype)  # rstd is float32 at least
 
 
 class GroupNorm(nn.Module):

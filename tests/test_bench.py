@@ -111,10 +111,13 @@ def test_numerics_check_feeds_the_release_our_draws(norm_p, equal):
              torch.randn(3, 3, 8, 8, generator=gen), torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.1, 0.5, 0.0])]
     check = dict(model_config=config, method=train.make_method(cfg), batch=batch,
                  state=SongUNet(**config).state_dict())
-    result = bench.compare_with_release(check, _ReleaseLikeModel(config, norm_p=norm_p), torch.device("cpu"))
+    release = _ReleaseLikeModel(config, norm_p=norm_p)
+    result = bench.compare_with_release(check, release, torch.device("cpu"))
     assert result["rows"] == 3
     if equal:
         assert result["loss_relative_error"] < 1e-6 and result["gradient_worst_relative_error"] < 1e-4, result
+        # Run again on the same model (bench.py runs the check as run and in float32): no stale gradients.
+        assert bench.compare_with_release(check, release, torch.device("cpu")) == result
     else:
         assert result["loss_relative_error"] > 1e-2 and result["gradient_median_relative_error"] > 1e-2, result
     # This module's names are put back.
@@ -140,6 +143,12 @@ def test_benchmark_script_runs_its_rows_and_summarises(tmp_path):
         assert report["jvp_mode"] == jvp_mode and report["precision"] == precision
         assert f"{row}: exit 0" in done.stdout
         assert any(line.startswith(row) and "img/s" in line for line in done.stdout.splitlines())
+    # A row that fails (here: the release is not there, and there is no GPU) sets the exit code.
+    env["ROWS"] = "side_by_side"
+    failed = subprocess.run(["bash", str(root / "benchmark.sh"), str(tmp_path / "no-release"), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "side_by_side: exit 2" in failed.stdout
+    assert "--baseline" in (tmp_path / "side_by_side.log").read_text()
 
 
 def test_a_failing_part_is_reported_without_losing_the_rest(tmp_path, monkeypatch, capsys):

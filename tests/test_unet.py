@@ -362,19 +362,30 @@ def test_group_norm_equals_torch():
 
 @pytest.mark.parametrize("jvp_mode, autocast", [("joint", torch.bfloat16), ("network", None),
                                                 ("network", torch.bfloat16)])
-def test_loss_traces_as_one_graph(jvp_mode: str, autocast):
-    """Dynamo traces the loss without a graph break (fullgraph) on every compiled path, and the
-    traced loss equals the eager one, dropout masks included."""
+def test_loss_and_backward_trace_as_one_graph(jvp_mode: str, autocast):
+    """Dynamo and AOTAutograd trace the loss and its backward without a graph break (fullgraph) on
+    the paths train.py compiles besides the default one, and give the eager loss and gradients
+    (dropout masks included: both draw them after the same seed)."""
     torch.manual_seed(0)
     net = perturbed(SongUNet(**{**TINY, "dropout": 0.1})).train()
     z, v, t, r, aug = tiny_inputs(batch=4)
     method = meanflow.MeanFlow(jvp_mode=jvp_mode, autocast=autocast)
-    traced = torch.compile(lambda x, e, t, r: method.loss(net, x, aug, noise=e, t=t, r=r), backend="eager",
-                           fullgraph=True)
-    torch.manual_seed(1)
-    got = traced(z, v, t, r)
-    torch.manual_seed(1)
-    torch.testing.assert_close(got, method.loss(net, z, aug, noise=v, t=t, r=r), rtol=0, atol=0)
+
+    def loss_and_grads(fn):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = fn(z, v, t, r)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    def loss_fn(x, e, t_, r_):
+        return method.loss(net, x, aug, noise=e, t=t_, r=r_)
+
+    eager_loss, eager_grads = loss_and_grads(loss_fn)
+    traced_loss, traced_grads = loss_and_grads(torch.compile(loss_fn, backend="aot_eager", fullgraph=True))
+    assert rel_err(traced_loss, eager_loss) < 1e-5
+    for got, want in zip(traced_grads, eager_grads):
+        assert rel_err(got, want) < 1e-4
 
 
 def test_group_norm_of_bf16_keeps_float32_statistics():
