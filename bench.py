@@ -197,19 +197,6 @@ def compare_with_release(check: dict, release_model, device: torch.device) -> di
                 gradient_median_relative_error=sorted(errors.values())[len(errors) // 2])
 
 
-@contextlib.contextmanager
-def float32_settings():
-    """Full float32 matmuls and convolutions for a block, then the previous settings."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    train.apply_precision("fp32")
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
-
-
 def attempt(errors: dict, what: str, fn):
     """fn(), or None with the error printed and recorded under `what`: in a side-by-side run
     one side failing must not lose the other's figures."""
@@ -344,7 +331,7 @@ def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: 
         # float32 (and, for a bf16 run, without autocast).
         numerics = dict(as_run=attempt(errors, "numerics", lambda: compare_with_release(check, model, device)))
         exact = dict(check, method=meanflow.MeanFlow(**{**vars(check["method"]), "autocast": None}))
-        with float32_settings():
+        with train.precision_settings("fp32"):
             numerics["fp32"] = attempt(errors, "numerics (fp32)", lambda: compare_with_release(exact, model, device))
         return figures, numerics
 

@@ -261,6 +261,19 @@ def apply_precision(precision: str) -> None:
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
+@contextlib.contextmanager
+def precision_settings(precision: str):
+    """apply_precision(precision) for a block, then the settings that were in force before."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    apply_precision(precision)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
 def unet_config(cfg: dict, img_shape: tuple[int, int, int]) -> dict:
     """SongUNet kwargs: the release's CIFAR-10 network with this run's size, data shape and dropout."""
     channels, resolution, _ = img_shape

@@ -136,17 +136,17 @@ def test_bf16_precision_follows_the_float32_run():
 
 
 def test_precision_settings_of_cuda_matmuls_and_convolutions():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    try:
-        train.apply_precision("fp32")
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision())
+    with train.precision_settings("fp32"):
         assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
         for precision in ("tf32", "bf16"):
-            train.apply_precision(precision)
-            assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+            with train.precision_settings(precision):
+                assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+            assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+    after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    assert after == before
 
 
 def test_lr_schedule_is_the_release_schedulers():
