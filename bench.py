@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compiled_autograd", action="store_true",
                    help="with --compile on: also trace our backward with compiled autograd "
                         "(torch._dynamo.config.compiled_autograd)")
+    p.add_argument("--fused_adam", action="store_true",
+                   help="our Adam with fused=True (the whole update in a few multi-tensor kernels) instead of "
+                        "torch's default (foreach on CUDA); same hyper-parameters")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--baseline", default=None, metavar="DIR", help="also time the release found in DIR")
     p.add_argument("--no_flops", action="store_true", help="skip the FLOP count")
@@ -240,6 +243,8 @@ def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
                                         else args.compile_mode)
     if args.memory_format == "channels_last":
         trainer.model.to(memory_format=torch.channels_last)
+    if args.fused_adam:
+        trainer.optimizer = fused_copy(trainer.optimizer)
     # What the numerics check against the release needs, kept on the host so that it does not
     # count towards our peak memory: the network's config and first weights, a batch of draws.
     check = dict(model_config=trainer.model_config, method=trainer.method, memory_format=args.memory_format,
@@ -252,6 +257,14 @@ def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
     finally:
         torch._dynamo.config.compiled_autograd = False
     return figures, flops, check
+
+
+def fused_copy(optimizer: torch.optim.Adam) -> torch.optim.Adam:
+    """A fresh Adam over the same parameters with the same settings, but the fused implementation."""
+    if len(optimizer.param_groups) != 1 or optimizer.state:
+        raise ValueError("fused_copy takes a fresh optimizer with one parameter group")
+    settings = {**optimizer.defaults, "foreach": None, "fused": True}
+    return torch.optim.Adam(optimizer.param_groups[0]["params"], **settings)
 
 
 @contextlib.contextmanager
@@ -357,7 +370,7 @@ def main(argv=None) -> int:
 
     report = dict(device=name, torch=torch.__version__, preset=args.preset, batch_size=cfg["batch_size"],
                   jvp_mode=args.jvp_mode, compile=cfg["compile"], compile_mode=args.compile_mode,
-                  precision=args.precision, memory_format=args.memory_format,
+                  precision=args.precision, memory_format=args.memory_format, fused_adam=args.fused_adam,
                   date=time.strftime("%Y-%m-%d"))
     errors = report["errors"] = {}
 
@@ -385,7 +398,7 @@ def main(argv=None) -> int:
 
     print(f"device {name} | torch {torch.__version__} | preset {args.preset} | batch {cfg['batch_size']} | "
           f"jvp {args.jvp_mode} | compile {cfg['compile']} ({args.compile_mode}) | {args.precision} | "
-          f"{args.memory_format}")
+          f"{args.memory_format}" + (" | fused Adam" if args.fused_adam else ""))
     if report["flops"]:
         f = report["flops"]
         print(f"model FLOPs per image: forward {f['forward_per_image'] / 1e9:.4g} G, training step "

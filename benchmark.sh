@@ -27,11 +27,12 @@ declare -A flags=(
   [network_cudagraphs]="--jvp_mode network --compile_mode reduce-overhead"
   [joint_bf16]="--jvp_mode joint --precision bf16"
   [network_compiled_autograd]="--jvp_mode network --compiled_autograd"
+  [network_fused_adam]="--jvp_mode network --fused_adam"
   [network_max_autotune]="--jvp_mode network --compile_mode max-autotune-no-cudagraphs"
   [network_eager]="--jvp_mode network --compile off"
 )
 order=(side_by_side joint network_channels_last network_bf16 network_cudagraphs joint_bf16
-       network_compiled_autograd network_max_autotune network_eager)
+       network_compiled_autograd network_fused_adam network_max_autotune network_eager)
 rows=(${ROWS:-${order[@]}})
 for row in "${rows[@]}"; do
   [[ -v "flags[$row]" ]] || { echo "unknown row $row; rows: ${order[*]}"; exit 2; }

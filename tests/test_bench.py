@@ -47,6 +47,29 @@ def test_forward_flops_match_an_independent_count_for_the_tiny_network():
     assert by_layers <= counted < 1.5 * by_layers
 
 
+def test_fused_adam_trains_as_the_default_adam():
+    """--fused_adam changes the implementation only: the same three steps give the same weights."""
+    import train
+    from utils.distributed import init_distributed
+
+    cfg = train.resolve_config(["--preset", "tiny", "--device", "cpu", "--not_compile"])
+    env = init_distributed("cpu")
+    images = bench.synthetic_images(cfg, 64)
+    default, fused = train.Trainer(cfg, env, images=images), train.Trainer(cfg, env, images=images)
+    first = {k: v.clone() for k, v in default.model.net.state_dict().items()}
+    fused.optimizer = bench.fused_copy(fused.optimizer)
+    assert fused.optimizer.defaults["fused"] and not default.optimizer.defaults["fused"]
+    assert {k: v for k, v in fused.optimizer.defaults.items() if k not in ("fused", "foreach")} == \
+        {k: v for k, v in default.optimizer.defaults.items() if k not in ("fused", "foreach")}
+    for step in range(3):
+        torch.testing.assert_close(fused.train_step(step), default.train_step(step), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(default.model.state_dict().items(), fused.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(default.model.net.state_dict()["enc.8x8_conv.weight"], first["enc.8x8_conv.weight"])
+    with pytest.raises(ValueError, match="fresh optimizer"):
+        bench.fused_copy(fused.optimizer)
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
@@ -133,14 +156,17 @@ def test_benchmark_script_runs_its_rows_and_summarises(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, ROWS="joint network_bf16", OMP_NUM_THREADS="1",
+    env = dict(os.environ, ROWS="joint network_bf16 network_fused_adam", OMP_NUM_THREADS="1",
                BENCH_FLAGS="--preset tiny --device cpu --compile off --steps 2 --warmup 1")
     done = subprocess.run(["bash", str(root / "benchmark.sh"), "unused-release-dir", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    for row, jvp_mode, precision in (("joint", "joint", "tf32"), ("network_bf16", "network", "bf16")):
+    for row, jvp_mode, precision, fused_adam in (("joint", "joint", "tf32", False),
+                                                 ("network_bf16", "network", "bf16", False),
+                                                 ("network_fused_adam", "network", "tf32", True)):
         report = json.loads((tmp_path / f"{row}.json").read_text())
         assert report["jvp_mode"] == jvp_mode and report["precision"] == precision
+        assert report["fused_adam"] == fused_adam
         assert f"{row}: exit 0" in done.stdout
         assert any(line.startswith(row) and "img/s" in line for line in done.stdout.splitlines())
     # A row that fails (here: the release is not there, and there is no GPU) sets the exit code.
