@@ -351,6 +351,7 @@ def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    train.quiet_jit_deprecation()
     flags = ["--preset", args.preset, "--jvp_mode", args.jvp_mode, "--precision", args.precision]
     flags += ["--batch_size", str(args.batch_size)] if args.batch_size else []
     flags += ["--device", args.device] if args.device else []

@@ -680,6 +680,13 @@ class Evaluator:
 # --------------------------------------------------------------------------- the loop
 
 
+def quiet_jit_deprecation() -> None:
+    """Hide torch's warning that torch.jit.script is deprecated: its forward-mode AD builds its own
+    decompositions with it, which no user can act on. Any category: torch 2.11 raises it as a
+    DeprecationWarning, 2.14 as a FutureWarning."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train (or evaluate) as the command line says; returns the process exit code."""
     parser = build_parser()
@@ -688,8 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     apply_launcher_env(cfg)
-    # torch's forward-mode AD builds its decompositions with torch.jit.script and warns about it.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+    quiet_jit_deprecation()
     if cfg["cpu_threads"]:
         torch.set_num_threads(cfg["cpu_threads"])
     env = init_distributed(cfg["device"])

@@ -367,3 +367,16 @@ def test_launchers_start_train_py_under_torchrun(script):
     done = subprocess.run(["bash", str(ROOT / script), "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: train.py" in done.stdout and "--preset" in done.stdout
+
+
+def test_torch_jit_deprecation_is_hidden_whatever_its_category():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train.quiet_jit_deprecation()
+        for category in (DeprecationWarning, FutureWarning):  # torch 2.11, torch 2.14
+            for name in ("script", "script_method"):
+                warnings.warn(f"`torch.jit.{name}` is deprecated. Please switch to `torch.compile`.", category)
+        warnings.warn("`torch.other` is deprecated.", FutureWarning)
+    assert [str(w.message) for w in seen] == ["`torch.other` is deprecated."]
