@@ -10,7 +10,7 @@ import torch.distributed
 import torch.multiprocessing as mp
 
 import utils.fid as fid
-from utils.distributed import DistEnv
+from utils.distributed import DistEnv, cleanup
 
 
 class FakeExtractor:
@@ -152,7 +152,7 @@ def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
                                    steps=2, extractor=FakeExtractor(), dist=dist, progress=False)
         np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array(value))
     finally:
-        torch.distributed.destroy_process_group()
+        cleanup()
 
 
 def test_fid_two_gloo_processes_equal_one(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import meanflow
 import sample
-from utils.distributed import DistEnv
+from utils.distributed import DistEnv, cleanup
 from utils.fid import sample_noise, to_uint8
 
 
@@ -80,7 +80,7 @@ def _sample_worker(rank: int, port: int, out_dir: str) -> None:
                                       dist=dist)
         np.save(os.path.join(out_dir, f"rank{rank}.npy"), images.numpy())
     finally:
-        torch.distributed.destroy_process_group()
+        cleanup()
 
 
 def test_two_processes_gather_the_single_process_samples(tmp_path):

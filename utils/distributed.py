@@ -6,6 +6,7 @@ so the training loop is written once.
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Iterable, Mapping
@@ -151,6 +152,12 @@ def barrier() -> None:
 
 def cleanup() -> None:
     if _active():
+        if dist.get_backend() == "gloo" and torch.__version__ < "2.8":
+            # torch 2.7's gloo process group joins its worker threads in its destructor while holding
+            # the GIL. A worker still letting go of a finished collective's tensors needs the GIL for
+            # that, and both wait forever (fixed in 2.8 by pytorch PR 154976). Sleeping releases the
+            # GIL so that such workers finish first.
+            time.sleep(0.2)
         dist.destroy_process_group()
 
 
