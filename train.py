@@ -548,9 +548,10 @@ class StopRequest:
             return self.signum is not None
         flag = torch.tensor([0 if self.signum is None else int(self.signum)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if flag.item() and self.signum is None:
-            self.signum = int(flag.item())
-        return bool(flag.item())
+        signum = int(flag.item())
+        if signum and self.signum is None:
+            self.signum = signum
+        return signum != 0
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -768,16 +769,19 @@ def train_loop(trainer: Trainer, step: int, out: Path | None, writer, log: Log, 
     loss_sum = torch.zeros((), device=device)  # summed on the device, read only when logging
     window, window_start, window_tic = 0, step, time.perf_counter()
 
-    def finite_or_stop() -> None:
-        """All ranks: raise if any loss since the last check, or any weight, is not finite."""
+    def finite_or_stop() -> float:
+        """All ranks: raise if any loss since the last check, or any weight, is not finite; else return
+        the losses since the last log summed over steps and ranks."""
         total_loss = loss_sum.clone()
         if env.world_size > 1:
             dist.all_reduce(total_loss)
-        if not math.isfinite(total_loss.item()) or not trainer.weights_finite():
+        total_loss = total_loss.item()
+        if not math.isfinite(total_loss) or not trainer.weights_finite():
             kept = f"{out / LAST} (step {saved_step}) is left untouched" if saved_step is not None \
                 else "no checkpoint was written"
-            raise RuntimeError(f"loss became non-finite ({total_loss.item()}) between steps {window_start} and "
+            raise RuntimeError(f"loss became non-finite ({total_loss}) between steps {window_start} and "
                                f"{step}; stopping without saving: {kept}. Lower --lr or check the data.")
+        return total_loss
 
     def save(*names: str) -> None:
         nonlocal saved_step
@@ -821,11 +825,7 @@ def train_loop(trainer: Trainer, step: int, out: Path | None, writer, log: Log, 
             bar.update(1)
 
             if logging_now:
-                finite_or_stop()
-                mean_loss = loss_sum.clone()
-                if env.world_size > 1:
-                    dist.all_reduce(mean_loss)
-                mean_loss = mean_loss.item() / (window * env.world_size)
+                mean_loss = finite_or_stop() / (window * env.world_size)
                 sec = (time.perf_counter() - window_tic) / window
                 stats = dict(loss=mean_loss, lr=lr_at(step - 1, lr=cfg["lr"], warmup_steps=trainer.warmup_steps),
                              sec_per_iter=sec, images_per_sec=trainer.global_batch / sec,

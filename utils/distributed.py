@@ -182,7 +182,8 @@ class GradSync:
     def __init__(self, params: Iterable[torch.nn.Parameter], bucket_cap_mb: float = 25.0):
         self.params = [p for p in params if p.requires_grad]
         self.world_size = get_world_size()
-        self.buckets: list[tuple[list[torch.nn.Parameter], torch.Tensor]] = []
+        # (parameters, flat buffer, the buffer's slice for each parameter shaped like it)
+        self.buckets: list[tuple[list[torch.nn.Parameter], torch.Tensor, list[torch.Tensor]]] = []
         if self.world_size == 1:
             return
         device = _comm_device()
@@ -199,28 +200,24 @@ class GradSync:
 
     @staticmethod
     def _make_bucket(group, device):
-        size = sum(p.numel() for p in group) + len(group)
-        return group, torch.zeros(size, dtype=group[0].dtype, device=device)
-
-    @staticmethod
-    def _views(group, flat) -> list[torch.Tensor]:
-        """flat's slice for each parameter, shaped like it."""
+        flat = torch.zeros(sum(p.numel() for p in group) + len(group), dtype=group[0].dtype, device=device)
         views, offset = [], 0
         for p in group:
             views.append(flat[offset:offset + p.numel()].view(p.shape))
             offset += p.numel()
-        return views
+        return group, flat, views
 
     @torch.no_grad()
     def __call__(self) -> None:
         if self.world_size == 1:
             return
-        for group, flat in self.buckets:
-            views = self._views(group, flat)
+        for group, flat, views in self.buckets:
             has = [p.grad is not None for p in group]
             flags = flat[-len(group):]
-            # Flags from a host list, copied without waiting for the device.
-            flags.copy_(to_device(torch.tensor(has, dtype=flat.dtype), flags.device))
+            if all(has):  # training: every parameter has a gradient, no host list to copy
+                flags.fill_(1)
+            else:  # flags from a host list, copied without waiting for the device
+                flags.copy_(to_device(torch.tensor(has, dtype=flat.dtype), flags.device))
             present = [(v, p.grad) for v, p, h in zip(views, group, has) if h]
             if present:
                 torch._foreach_copy_([v for v, _ in present], [g.reshape(v.shape) for v, g in present])
