@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size}: must be >= 1")
     if args.baseline is not None:
+        if train.PRESETS[args.preset]["dataset"] == "digits":
+            p.error(f"--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1), not {args.preset}: the "
+                    f"release's network is fixed to CIFAR-10's shape")
         if not (Path(args.baseline) / "meanflow" / "train_arg_parser.py").exists():
             p.error(f"--baseline {args.baseline}: no meanflow/train_arg_parser.py there; give a copy of the "
                     f"authors' repository (Gsunshine/py-meanflow)")
@@ -138,7 +141,7 @@ def measure(step_fn, device: torch.device, warmup: int, steps: int, batch: int) 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     with timer() as first:
         step_fn(0)
     for i in range(1, warmup):
@@ -149,12 +152,9 @@ def measure(step_fn, device: torch.device, warmup: int, steps: int, batch: int) 
     sec = window["s"] / steps
     out = dict(ms_per_step=sec * 1e3, images_per_s=batch / sec, first_step_s=first["s"],
                compile_s=max(first["s"] - sec, 0.0))
-    if device.type == "cuda":
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        # Growth of the process's peak resident memory over the steps (kilobytes on Linux). Run with
-        # MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS, and one case per process.
-        out["peak_memory_gib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 2**20
+    # On CPU: growth of the process's peak resident memory over the steps. Run with
+    # MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS, and one case per process.
+    out["peak_memory_gib"] = train.memory_gib(device) - (0.0 if device.type == "cuda" else rss_before / 2**20)
     return out
 
 
@@ -304,9 +304,6 @@ def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: 
     """Figures of the release's training step (the body of its train_one_epoch) on the same data,
     and the comparison of its loss and gradients with ours (compare_with_release; None without
     `check` or when it fails, which is recorded in `errors`)."""
-    if cfg["dataset"] == "digits":
-        raise SystemExit("--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1): the release's "
-                         "network is fixed to CIFAR-10's shape")
     with release_modules(Path(args.baseline)):
         from models.model_configs import instantiate_model
         from train_arg_parser import get_args_parser

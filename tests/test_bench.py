@@ -77,6 +77,9 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--baseline", "/nonexistent"])
     assert "Gsunshine/py-meanflow" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # before any of our own timing is spent
+        bench.parse_args(["--preset", "tiny", "--baseline", "/nonexistent"])
+    assert "32x32 RGB preset" in capsys.readouterr().err
 
 
 def test_cifar10_forward_flops_equal_the_published_count():
