@@ -11,7 +11,6 @@ statistics of the whole training set (computed once and cached, or given with --
 
 import argparse
 import json
-import os
 import sys
 
 from sample import HelpFormatter, load_model, parse_model_config
@@ -88,8 +87,8 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
             ref = reference_stats(dataset, data_path=args.data_path, split="train", extractor=extractor,
                                   cache_dir=args.cache_dir, dist=dist, batch_size=args.batch_size,
                                   download=not args.no_download)
-            ref_name = reference_path(dataset, split="train", extractor=extractor,
-                                      cache_dir=args.cache_dir or os.path.join(args.data_path, "fid_refs"))
+            ref_name = reference_path(dataset, split="train", extractor=extractor, cache_dir=args.cache_dir,
+                                      data_path=args.data_path)
         decays = ema_decays(ckpt)
         config = parse_model_config(args.model_config)
         rows = []
@@ -119,12 +118,12 @@ def run_ref(args: argparse.Namespace) -> None:
     dist = init_distributed(args.device)
     try:
         extractor = InceptionFeatures(args.inception_weights, device=dist.device, download=not args.no_download)
-        cache_dir = args.cache_dir or os.path.join(args.data_path, "fid_refs")
         mu, sigma = reference_stats(args.dataset, data_path=args.data_path, split=args.split, extractor=extractor,
-                                    cache_dir=cache_dir, dist=dist, batch_size=args.batch_size,
+                                    cache_dir=args.cache_dir, dist=dist, batch_size=args.batch_size,
                                     download=not args.no_download)
         if dist.rank == 0:
-            cached = reference_path(args.dataset, split=args.split, extractor=extractor, cache_dir=cache_dir)
+            cached = reference_path(args.dataset, split=args.split, extractor=extractor, cache_dir=args.cache_dir,
+                                    data_path=args.data_path)
             print(f"reference statistics ({mu.shape[0]}-d features) cached at {cached}")
             if args.out:
                 save_stats(args.out, mu, sigma, key=reference_key(args.dataset, args.split, extractor))
@@ -186,9 +185,10 @@ def main(argv: list[str] | None = None):
         return run_ref(ref_parser().parse_args(argv[1:]))
     if argv and argv[0] == "fid":
         argv = argv[1:]
-    args = fid_parser().parse_args(argv)
+    parser = fid_parser()
+    args = parser.parse_args(argv)
     if args.fid_samples < 2 or min(args.steps) < 1:
-        fid_parser().error("--fid_samples must be >= 2 and --steps >= 1")
+        parser.error("--fid_samples must be >= 2 and --steps >= 1")
     return run_fid(args)
 
 

@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from PIL import Image
 
 from utils.checkpoint import load_checkpoint, load_network
 from utils.distributed import cleanup, init_distributed
-from utils.fid import generate, shard
+from utils.fid import generate, savez_atomic, shard
 
 
 def load_model(
@@ -94,17 +93,7 @@ def image_grid(images: torch.Tensor, *, nrow: int | None = None, min_cell: int =
 
 def save_npz(path: str, images: torch.Tensor) -> None:
     """Write uint8 [N, C, H, W] as N x H x W x C under ``arr_0``, atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    savez_atomic(path, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy())
 
 
 def parse_model_config(text: str | None) -> dict | None:

@@ -371,8 +371,12 @@ class UNetBlock(nn.Module):
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             normed, normed_t = self.norm1.forward_and_tangent(x, x_t)
-            y_t = _tangent(lambda n_t, p_t: torch.addcmul(p_t.chunk(2, dim=1)[1], n_t, scale + 1)
-                           + normed * p_t.chunk(2, dim=1)[0], normed_t, params_t)
+
+            def modulated_t(n_t, p_t):
+                scale_t, shift_t = p_t.chunk(2, dim=1)
+                return torch.addcmul(shift_t, n_t, scale + 1) + normed * scale_t
+
+            y_t = _tangent(modulated_t, normed_t, params_t)
             x, x_t = _silu(torch.addcmul(shift, normed, scale + 1), y_t)
         else:
             x, x_t = _silu(*self.norm1.forward_and_tangent(x + params, _tangent(torch.add, x_t, params_t)))

@@ -76,7 +76,7 @@ def _missing_weights_message(reason: str) -> str:
     return (
         f"{reason}. FID needs the Inception-v3 weights file {WEIGHTS_FILE} (torch-fidelity's "
         f"'inception-v3-compat'). Download it from {WEIGHTS_URL} on a machine with network access, then "
-        f"pass --inception_weights /path/to/{WEIGHTS_FILE}, set {WEIGHTS_ENV}=/path/to/{WEIGHTS_FILE}, "
+        f"pass --inception_weights /path/to/{WEIGHTS_FILE} (evaluate.py), set {WEIGHTS_ENV}=/path/to/{WEIGHTS_FILE}, "
         f"or copy it to {default_weights_path()}"
     )
 
@@ -265,7 +265,10 @@ def reference_key(dataset: str, split: str, extractor: Extractor) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
 
 
-def reference_path(dataset: str, *, split: str = "train", extractor: Extractor, cache_dir: str) -> str:
+def reference_path(dataset: str, *, split: str = "train", extractor: Extractor, cache_dir: str | None = None,
+                   data_path: str = "./data") -> str:
+    """The cache file of reference statistics: <cache_dir>/<key>.npz, cache_dir defaulting to <data_path>/fid_refs."""
+    cache_dir = cache_dir or os.path.join(data_path, "fid_refs")
     return os.path.join(cache_dir, reference_key(dataset, split, extractor) + ".npz")
 
 
@@ -274,12 +277,17 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *, key: str | None 
     extra = {} if key is None else {"key": np.array(key)}
     if count is not None:
         extra["count"] = np.array(count, dtype=np.int64)
+    savez_atomic(path, mu=mu, sigma=sigma, **extra)
+
+
+def savez_atomic(path: str, **arrays: np.ndarray) -> None:
+    """np.savez to a temporary file beside `path`, then rename: a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, **extra)
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -349,9 +357,8 @@ def reference_stats(
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r} must be 'train' or 'test'")
-    cache_dir = os.path.join(data_path, "fid_refs") if cache_dir is None else cache_dir
     key = reference_key(dataset, split, extractor)
-    path = os.path.join(cache_dir, key + ".npz")
+    path = reference_path(dataset, split=split, extractor=extractor, cache_dir=cache_dir, data_path=data_path)
     cached = _on_every_rank(lambda: load_stats(path, key=key) if os.path.isfile(path) else None, dist)
     # Every rank must take the same branch, or the collectives below would wait forever.
     if _all_ranks(cached is not None, dist):
