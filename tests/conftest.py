@@ -1,4 +1,4 @@
-import os
+import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +12,13 @@ sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that is free now, for a test's process-group rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

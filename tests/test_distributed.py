@@ -1,26 +1,20 @@
 """utils/distributed.py: two CPU processes over gloo, started like torchrun would start them."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup, first_slurm_host,
                                init_distributed, is_main, parse_slurm_env)
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(scenario, world: int = WORLD) -> None:
     """Run scenario(env) in `world` processes with torchrun's environment variables; failures re-raise here."""
-    mp.start_processes(_entry, args=(world, _free_port(), scenario), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_entry, args=(world, free_port(), scenario), nprocs=world, join=True, start_method="spawn")
 
 
 def _entry(rank: int, world: int, port: int, scenario) -> None:

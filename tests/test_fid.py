@@ -1,7 +1,6 @@
 """utils/fid.py: Frechet distance against closed forms, statistics sharding, reference cache, Inception loading."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ import torch
 import torch.distributed
 import torch.multiprocessing as mp
 
+from conftest import free_port
 import utils.fid as fid
 from utils.distributed import DistEnv, cleanup
 
@@ -137,12 +137,6 @@ def test_fid_does_not_depend_on_batch_size_and_restores_train_mode():
     assert net.training
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -159,7 +153,7 @@ def test_fid_two_gloo_processes_equal_one(tmp_path):
     ref = fid.dataset_stats(torch.rand(50, 3, 4, 4) * 2 - 1, extractor=FakeExtractor(), progress=False)
     single = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=10, img_shape=(3, 4, 4), seed=2,
                                 steps=2, extractor=FakeExtractor(), progress=False)
-    mp.spawn(_fid_worker, args=(_free_port(), str(tmp_path), ref), nprocs=2, join=True)
+    mp.spawn(_fid_worker, args=(free_port(), str(tmp_path), ref), nprocs=2, join=True)
     values = [float(np.load(tmp_path / f"fid{r}.npy")) for r in range(2)]
     assert values[0] == values[1]
     assert values[0] == pytest.approx(single, rel=1e-9)

@@ -1,7 +1,6 @@
 """sample.py: the authors' checkpoint layout loads and samples as their code does; output independent of batching."""
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch.distributed
 import torch.multiprocessing as mp
 from PIL import Image
 
+from conftest import free_port
 import meanflow
 import sample
 from utils.distributed import DistEnv, cleanup
@@ -53,9 +53,10 @@ def test_image_grid_enlarges_small_grey_images():
     assert np.asarray(grid)[:32, :32, 0].tolist() == np.kron(images[0, 0].numpy(), np.ones((4, 4))).tolist()
 
 
-def test_cli_needs_an_output_and_parses_model_config(tmp_path):
+def test_cli_needs_an_output_and_parses_model_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--ckpt", "x.pth"])
+    assert "nothing to write" in capsys.readouterr().err
     assert sample.parse_model_config('{"model_channels": 8}') == {"model_channels": 8}
     with pytest.raises(ValueError, match="model_config"):
         sample.parse_model_config("[1, 2]")
@@ -63,12 +64,6 @@ def test_cli_needs_an_output_and_parses_model_config(tmp_path):
 
 def toy_net(z, t, h, aug_cond=None):
     return 0.5 * z - 0.3 * torch.tanh(z) * t.view(-1, 1, 1, 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sample_worker(rank: int, port: int, out_dir: str) -> None:
@@ -85,6 +80,6 @@ def _sample_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_two_processes_gather_the_single_process_samples(tmp_path):
     single = sample.sample_images(toy_net, num_samples=7, img_shape=(1, 4, 4), seed=1, steps=2, batch_size=3)
-    mp.spawn(_sample_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_sample_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert np.array_equal(np.load(tmp_path / "rank0.npy"), single.numpy())
     assert np.array_equal(np.load(tmp_path / "rank1.npy"), single[4:].numpy())

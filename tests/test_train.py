@@ -8,7 +8,6 @@ arithmetic in the same order.
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 import train
 from utils import checkpoint as ckpt_io
 
@@ -41,12 +41,6 @@ def _env() -> dict:
                                                              "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(*args: str) -> None:
@@ -215,7 +209,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(straight, tmp_path
     one = tmp_path / "one"
     _train("--output_dir", str(one))  # dropout 0 (tiny preset), batch 8
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "train.py", *TINY, "--batch_size", "4", "--output_dir", str(two)]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -258,7 +252,7 @@ def _tamper_worker(rank: int, port: int, result_dir: str) -> None:
 
 
 def test_consistency_check_names_rank_and_parameter(tmp_path):
-    torch.multiprocessing.spawn(_tamper_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_tamper_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
         name, grad_msg, weight_msg = (tmp_path / f"{rank}.txt").read_text().split("\n")
         assert "gradient" in grad_msg and f"'{name}'" in grad_msg and "rank 1" in grad_msg and "step 0" in grad_msg
@@ -347,8 +341,8 @@ def test_digits_quality_separates_real_from_noise():
     noise = quality.score(torch.rand(297, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert noise["fd"] > 20 * real["fd"] and noise["classes"] < 5
     assert quality.score(torch.full((297, 1, 8, 8), -1.0))["classes"] == 1.0  # blank images: one class
-    train = quality.score(load_dataset("digits", train=True)[:297])
-    assert train["fd"] < 2
+    train_digits = quality.score(load_dataset("digits", train=True)[:297])
+    assert train_digits["fd"] < 2
 
 
 def test_eval_only_evaluates_the_resume_checkpoint_not_the_last(tmp_path):
@@ -363,7 +357,7 @@ def test_eval_only_evaluates_the_resume_checkpoint_not_the_last(tmp_path):
 
 @pytest.mark.parametrize("script", ["cifar10_v0.sh", "cifar10_v1.sh"])
 def test_launchers_start_train_py_under_torchrun(script):
-    env = dict(_env(), GPUS_PER_NODE="1", MASTER_PORT=str(_free_port()))
+    env = dict(_env(), GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))
     done = subprocess.run(["bash", str(ROOT / script), "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: train.py" in done.stdout and "--preset" in done.stdout
