@@ -1,5 +1,5 @@
 #!/bin/bash
-# The rows of README.md's benchmark table, on one GPU, one process per row, most important first:
+# The benchmark rows named in README.md, on one GPU, one process per row, most important first:
 # ours beside the authors' release (with the numerics check), then the candidate speed-ups.
 #
 #   bash benchmark.sh RELEASE_DIR [OUT_DIR]      # RELEASE_DIR: a copy of Gsunshine/py-meanflow
