@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 # Two cores on CI: one thread per test process keeps timings predictable.
 torch.set_num_threads(1)
 
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def free_port() -> int:
@@ -23,7 +23,5 @@ def free_port() -> int:
 
 @pytest.fixture
 def fixtures_dir() -> Path:
-    """The reference fixtures folder; tests that need it skip in a clone without ../shared."""
-    if not (FIXTURES / "official_unet_small.pt").exists():
-        pytest.skip(f"reference fixtures not found at {FIXTURES} (they live beside the repository, not in it)")
+    """The folder of reference outputs of the authors' release (tests/fixtures/README.md)."""
     return FIXTURES
