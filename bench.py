@@ -4,11 +4,12 @@
     python bench.py --preset cifar10-v1 --baseline third_party/py-meanflow
     python bench.py --preset tiny --steps 5 --warmup 2           # CPU smoke run
 
-It times the real step of train.py (data gather, flips, augmentation, loss with its JVP,
-backward, gradient sync, Adam, EMA) on synthetic images of the training set's shape and
-number (train.py holds them all on the device, so they count in our peak memory), after a
-warm-up that includes compilation, over a window timed with CUDA events (wall clock on CPU).
-`--baseline DIR` times the authors' release training step the same way in the same process:
+It times training/step.py's train_step, the function the training loop runs (data gather,
+flips, augmentation, loss with its JVP, backward, gradient sync, Adam, EMA), built by train.py
+from the preset, on synthetic images of the training set's shape and number (training holds
+them all on the device, so they count in our peak memory), after a warm-up that includes
+compilation, over a window timed with CUDA events (wall clock on CPU). `--baseline DIR` times
+the authors' release training step the same way in the same process, through utils/release.py:
 DIR is a local copy of their repository (keep it in a folder git ignores; it is not part of
 this project). Both sides use the same batch, precision settings and card, so the ratio is
 like for like (the release has no bf16 path: beside `--precision bf16` it runs TF32, and the
@@ -31,7 +32,6 @@ import resource
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
@@ -41,7 +41,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import meanflow
 import train
 from models.unet import SongUNet
+from training.services import (PRECISIONS, USER_ERRORS, UserError, apply_precision, memory_gib, precision_settings,
+                               quiet_jit_deprecation, run_cli)
+from training.step import Trainer, draw_batch, loss_and_backward, train_step
 from utils import data as data_utils
+from utils import release
 from utils.distributed import init_distributed
 
 CHECK_ROWS = 32  # images in the numerics check against the release
@@ -65,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["on", "off"], default=None, help="torch.compile (default: on for cuda)")
     p.add_argument("--compile_mode", default="default",
                    help="torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
-    p.add_argument("--precision", choices=train.PRECISIONS, default="tf32",
+    p.add_argument("--precision", choices=PRECISIONS, default="tf32",
                    help="as train.py --precision; the release has no bf16 path and runs tf32 beside bf16 "
                         "(the ratio is then not at equal numerics)")
     p.add_argument("--memory_format", choices=["contiguous", "channels_last"], default="contiguous",
@@ -89,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size}: must be >= 1")
     if args.baseline is not None:
-        if train.PRESETS[args.preset]["dataset"] == "digits":
+        if data_utils.dataset_info(train.PRESETS[args.preset]["dataset"]).img_shape != (3, 32, 32):
             p.error(f"--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1), not {args.preset}: the "
                     f"release's network is fixed to CIFAR-10's shape")
         if not (Path(args.baseline) / "meanflow" / "train_arg_parser.py").exists():
@@ -102,15 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def training_set_size(dataset: str) -> int:
-    """Images in the training split: train.py keeps them all on the device, so they count in our peak."""
-    return {"cifar10": 50_000, "mnist": 60_000, "digits": data_utils.DIGITS_TRAIN}[dataset]
-
-
-def synthetic_images(cfg: dict, count: int) -> torch.Tensor:
-    """uint8 images of the dataset's shape: speed does not depend on their content."""
-    shape = (1, 8, 8) if cfg["dataset"] == "digits" else (3, 32, 32)
-    return torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+def synthetic_images(cfg: dict, count: int | None = None) -> torch.Tensor:
+    """uint8 images of the dataset's shape: speed does not depend on their content. count: default the
+    training set's size (training keeps them all on the device, so they count in our peak memory)."""
+    info = data_utils.dataset_info(cfg["dataset"])
+    return torch.randint(0, 256, (count or info.train_size, *info.img_shape), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
 
 
 class Timer:
@@ -154,7 +155,7 @@ def measure(step_fn, device: torch.device, warmup: int, steps: int, batch: int) 
                compile_s=max(first["s"] - sec, 0.0))
     # On CPU: growth of the process's peak resident memory over the steps. Run with
     # MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave RSS, and one case per process.
-    out["peak_memory_gib"] = train.memory_gib(device) - (0.0 if device.type == "cuda" else rss_before / 2**20)
+    out["peak_memory_gib"] = memory_gib(device) - (0.0 if device.type == "cuda" else rss_before / 2**20)
     return out
 
 
@@ -178,18 +179,8 @@ def compare_with_release(check: dict, release_model, device: torch.device) -> di
     release_model.net.zero_grad(set_to_none=True)
     x, aug_cond, noise, t, r = (None if v is None else v.to(device) for v in check["batch"])
 
-    ours_loss = check["method"].loss(net, x, aug_cond, noise=noise, t=t, r=r)
-    ours_loss.backward()
-    # The release draws its noise and (t, r) inside forward_with_loss: hand it ours instead.
-    module = sys.modules[type(release_model).__module__]
-    saved = module.sample_two_timesteps, module.torch
-    module.sample_two_timesteps = lambda *args, **kwargs: (t, r)
-    module.torch = types.SimpleNamespace(**{**vars(torch), "randn_like": lambda like: noise.clone()})
-    try:
-        release_loss = release_model.forward_with_loss(x, aug_cond)
-        release_loss.backward()
-    finally:
-        module.sample_two_timesteps, module.torch = saved
+    ours_loss = loss_and_backward(net, check["method"], x, aug_cond, noise, t, r)
+    release_loss = release.release_loss_and_backward(release_model, x, aug_cond, noise=noise, t=t, r=r)
     release_grads = dict(release_model.net.named_parameters())
     errors = {name: (p.grad - release_grads[name].grad).norm().item()
               / max(release_grads[name].grad.norm().item(), 1e-30) for name, p in net.named_parameters()}
@@ -202,9 +193,11 @@ def compare_with_release(check: dict, release_model, device: torch.device) -> di
 
 def attempt(errors: dict, what: str, fn):
     """fn(), or None with the error printed and recorded under `what`: in a side-by-side run
-    one side failing must not lose the other's figures."""
+    one side failing must not lose the other's figures. A user's mistake ends the run."""
     try:
         return fn()
+    except USER_ERRORS:
+        raise
     except Exception as e:  # noqa: BLE001 (printed, recorded in the report, and the exit code says so)
         traceback.print_exc()
         errors[what] = f"{type(e).__name__}: {e}"
@@ -217,16 +210,15 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def model_flops(trainer: train.Trainer) -> dict:
+def model_flops(trainer: Trainer) -> dict:
     """FLOPs per image of the forward, of the training step as run, and of the step's needed work."""
     net, method = trainer.model.net, trainer.method
-    x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in trainer.make_batch(0))
+    x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in draw_batch(trainer, 0))
     flops = dict(forward_per_image=count_flops(lambda: net(x, t, t - r, aug_cond)) / 2)
-    flops["train_step_per_image"] = count_flops(
-        lambda: train.loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
+    flops["train_step_per_image"] = count_flops(lambda: loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
     needed = meanflow.MeanFlow(**{**vars(method), "jvp_mode": "network"})
     flops["useful_train_step_per_image"] = count_flops(
-        lambda: train.loss_and_backward(net, needed, x, aug_cond, noise, t, r)) / 2
+        lambda: loss_and_backward(net, needed, x, aug_cond, noise, t, r)) / 2
     trainer.optimizer.zero_grad(set_to_none=True)
     return flops
 
@@ -234,105 +226,38 @@ def model_flops(trainer: train.Trainer) -> dict:
 def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
     """Figures of this repository's training step, FLOPs per image, and what compare_with_release
     needs; a failed FLOP count or timing is recorded in `errors` (and gives {} or None)."""
-    images = synthetic_images(cfg, training_set_size(cfg["dataset"]))
-    trainer = train.Trainer(cfg, env, images=images)
-    # torch.compile reads this setting when it wraps the function, not when the function runs.
+    # torch.compile reads this setting when it wraps the step, which building the trainer does.
     torch._dynamo.config.compiled_autograd = args.compiled_autograd
-    if cfg["compile"]:
-        trainer.step_fn = torch.compile(train.loss_and_backward, mode=None if args.compile_mode == "default"
-                                        else args.compile_mode)
-    if args.memory_format == "channels_last":
-        trainer.model.to(memory_format=torch.channels_last)
-    if args.fused_adam:
-        trainer.optimizer = fused_copy(trainer.optimizer)
-    # What the numerics check against the release needs, kept on the host so that it does not
-    # count towards our peak memory: the network's config and first weights, a batch of draws.
-    check = dict(model_config=trainer.model_config, method=trainer.method, memory_format=args.memory_format,
-                 state={k: v.detach().cpu().clone() for k, v in trainer.model.net.state_dict().items()},
-                 batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in trainer.make_batch(0)])
-    flops = {} if args.no_flops else attempt(errors, "flops", lambda: model_flops(trainer)) or {}
     try:
-        figures = attempt(errors, "ours", lambda: measure(trainer.train_step, trainer.device, args.warmup, args.steps,
-                                                          cfg["batch_size"]))
+        trainer = train.make_trainer(cfg, env, images=synthetic_images(cfg), fused_adam=args.fused_adam,
+                                     compile_mode=None if args.compile_mode == "default" else args.compile_mode)
+        if args.memory_format == "channels_last":
+            trainer.model.to(memory_format=torch.channels_last)
+        # What the numerics check against the release needs, kept on the host so that it does not
+        # count towards our peak memory: the network's config and first weights, a batch of draws.
+        check = dict(model_config=trainer.model_config, method=trainer.method, memory_format=args.memory_format,
+                     state={k: v.detach().cpu().clone() for k, v in trainer.model.net.state_dict().items()},
+                     batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in draw_batch(trainer, 0)])
+        flops = {} if args.no_flops else attempt(errors, "flops", lambda: model_flops(trainer)) or {}
+        figures = attempt(errors, "ours", lambda: measure(lambda i: train_step(trainer, i), trainer.device,
+                                                          args.warmup, args.steps, cfg["batch_size"]))
     finally:
         torch._dynamo.config.compiled_autograd = False
     return figures, flops, check
-
-
-def fused_copy(optimizer: torch.optim.Adam) -> torch.optim.Adam:
-    """A fresh Adam over the same parameters with the same settings, but the fused implementation."""
-    if len(optimizer.param_groups) != 1 or optimizer.state:
-        raise ValueError("fused_copy takes a fresh optimizer with one parameter group")
-    settings = {**optimizer.defaults, "foreach": None, "fused": True}
-    return torch.optim.Adam(optimizer.param_groups[0]["params"], **settings)
-
-
-@contextlib.contextmanager
-def release_modules(root: Path):
-    """Import the release's top-level modules (`models`, `training`, ...) without clobbering ours.
-
-    Its `models/` and `training/` folders have no `__init__.py`: as namespace packages they would
-    lose to our regular `models` package whatever the order of sys.path, so they are registered
-    by hand. Our modules are put back afterwards; objects already built keep working.
-    """
-    names = ("models", "training", "train_arg_parser")
-    src = root / "meanflow"
-    ours_saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in names}
-    sys.path.insert(0, str(src))
-    for pkg in ("models", "training"):
-        module = types.ModuleType(pkg)
-        module.__path__ = [str(src / pkg)]
-        sys.modules[pkg] = module
-    try:
-        yield
-    finally:
-        sys.path.remove(str(src))
-        for k in [k for k in sys.modules if k.split(".")[0] in names]:
-            del sys.modules[k]
-        sys.modules.update(ours_saved)
-
-
-def release_flags(cfg: dict) -> list[str]:
-    """The release's command line for the same run settings (its cifar10 launchers' flags)."""
-    keys = ("batch_size", "lr", "tr_sampler", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r", "norm_p",
-            "norm_eps", "ratio", "dropout", "ema_decay")
-    flags = [f"--{k}={cfg[k]}" for k in keys] + ["--ema_decays", *map(str, cfg["ema_decays"])]
-    return flags + (["--use_edm_aug"] if cfg["use_edm_aug"] else []) + ([] if cfg["compile"] else ["--not_compile"])
 
 
 def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: dict) -> tuple[dict, dict | None]:
     """Figures of the release's training step (the body of its train_one_epoch) on the same data,
     and the comparison of its loss and gradients with ours (compare_with_release; None without
     `check` or when it fails, which is recorded in `errors`)."""
-    with release_modules(Path(args.baseline)):
-        from models.model_configs import instantiate_model
-        from train_arg_parser import get_args_parser
-        import models.rng as rng
-        from training import train_loop
-
-        rargs = get_args_parser().parse_args(release_flags(cfg))
-        model = instantiate_model(rargs).to(device)
-        model.train(True)
-        optimizer = torch.optim.Adam(model.net.parameters(), lr=rargs.lr, betas=rargs.optimizer_betas, weight_decay=0.0)
-        step_fn = torch.compile(train_loop.train_step, disable=not rargs.compile)
-        if args.memory_format == "channels_last":
-            model.to(memory_format=torch.channels_last)
+    with release.release_modules(Path(args.baseline)):
+        flags = release.release_flags(**{k: cfg[k] for k in release.SETTINGS})
         images = synthetic_images(cfg, max(4 * cfg["batch_size"], 1024)).to(device)
-        batch = cfg["batch_size"]
-
-        def one_step(i: int) -> None:
-            optimizer.zero_grad()
-            rows = torch.randint(0, len(images), (batch,), device=device)
-            samples = images[rows].float() / 255.0 * 2.0 - 1.0  # what its loader and loop produce
-            samples, aug_cond = (rng.augment_with_rng_control(train_loop.augment_pipe, samples, rargs.seed, i)
-                                 if rargs.use_edm_aug else (samples, None))
-            loss = rng.train_step_with_rng_control(step_fn, model, i, rargs.seed, samples, aug_cond)
-            train_loop.synchronize_gradients(model)  # a no-op without its DDP wrapper, as on one GPU
-            loss.item()  # its loop reads the loss every step
-            optimizer.step()
-            model.update_ema()
-
-        figures = attempt(errors, "release", lambda: measure(one_step, device, args.warmup, args.steps, batch))
+        model, optimizer, one_step = release.release_step(flags=flags, images=images, batch=cfg["batch_size"],
+                                                          device=device,
+                                                          channels_last=args.memory_format == "channels_last")
+        figures = attempt(errors, "release", lambda: measure(one_step, device, args.warmup, args.steps,
+                                                             cfg["batch_size"]))
         optimizer.zero_grad(set_to_none=True)
         if check is None:
             return figures, None
@@ -341,22 +266,25 @@ def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: 
         # float32 (and, for a bf16 run, without autocast).
         numerics = dict(as_run=attempt(errors, "numerics", lambda: compare_with_release(check, model, device)))
         exact = dict(check, method=meanflow.MeanFlow(**{**vars(check["method"]), "autocast": None}))
-        with train.precision_settings("fp32"):
+        with precision_settings("fp32"):
             numerics["fp32"] = attempt(errors, "numerics (fp32)", lambda: compare_with_release(exact, model, device))
         return figures, numerics
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    train.quiet_jit_deprecation()
+    quiet_jit_deprecation()
     flags = ["--preset", args.preset, "--jvp_mode", args.jvp_mode, "--precision", args.precision]
     flags += ["--batch_size", str(args.batch_size)] if args.batch_size else []
     flags += ["--device", args.device] if args.device else []
     flags += {"on": ["--compile"], "off": ["--not_compile"], None: []}[args.compile]
-    cfg = train.resolve_config(flags)
+    try:
+        cfg = train.resolve_config(flags)
+    except ValueError as e:  # a value out of range for training, e.g. --batch_size
+        raise UserError(str(e)) from e
     env = init_distributed(cfg["device"])
     device = env.device
-    train.apply_precision(args.precision)
+    apply_precision(args.precision)
     if args.memory_format == "channels_last":
         inductor_config.force_layout_optimization = True
     if device.type == "cuda":
@@ -385,7 +313,7 @@ def main(argv=None) -> int:
         gc.collect()  # what the reset released
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        train.apply_precision(precisions["release"])
+        apply_precision(precisions["release"])
         report["release"], report["numerics"] = (attempt(errors, "release (set-up)",
                                                          lambda: baseline(args, cfg, device, check, errors))
                                                  or (None, None))
@@ -432,4 +360,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

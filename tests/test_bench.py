@@ -50,24 +50,23 @@ def test_forward_flops_match_an_independent_count_for_the_tiny_network():
 def test_fused_adam_trains_as_the_default_adam():
     """--fused_adam changes the implementation only: the same three steps give the same weights."""
     import train
+    from training.step import train_step
     from utils.distributed import init_distributed
 
     cfg = train.resolve_config(["--preset", "tiny", "--device", "cpu", "--not_compile"])
     env = init_distributed("cpu")
     images = bench.synthetic_images(cfg, 64)
-    default, fused = train.Trainer(cfg, env, images=images), train.Trainer(cfg, env, images=images)
+    default = train.make_trainer(cfg, env, images=images)
+    fused = train.make_trainer(cfg, env, images=images, fused_adam=True)
     first = {k: v.clone() for k, v in default.model.net.state_dict().items()}
-    fused.optimizer = bench.fused_copy(fused.optimizer)
     assert fused.optimizer.defaults["fused"] and not default.optimizer.defaults["fused"]
     assert {k: v for k, v in fused.optimizer.defaults.items() if k not in ("fused", "foreach")} == \
         {k: v for k, v in default.optimizer.defaults.items() if k not in ("fused", "foreach")}
     for step in range(3):
-        torch.testing.assert_close(fused.train_step(step), default.train_step(step), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(train_step(fused, step)[0], train_step(default, step)[0], rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(default.model.state_dict().items(), fused.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(default.model.net.state_dict()["enc.8x8_conv.weight"], first["enc.8x8_conv.weight"])
-    with pytest.raises(ValueError, match="fresh optimizer"):
-        bench.fused_copy(fused.optimizer)
 
 
 def test_bad_arguments_are_refused(capsys):
@@ -80,6 +79,33 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):  # before any of our own timing is spent
         bench.parse_args(["--preset", "tiny", "--baseline", "/nonexistent"])
     assert "32x32 RGB preset" in capsys.readouterr().err
+
+
+def test_user_error_prints_one_line_and_exits_non_zero():
+    """A batch larger than the training set, from the command line: one `error:` line, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--device", "cpu", "--compile", "off",
+                           "--batch_size", "2000", "--steps", "1", "--warmup", "1", "--no_flops"], cwd=root,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: global batch 2000"), done.stderr
+
+
+def test_programming_error_keeps_its_traceback(monkeypatch):
+    from training.services import run_cli
+
+    def broken(device):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(bench, "init_distributed", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        run_cli(lambda: bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"]))
 
 
 def test_cifar10_forward_flops_equal_the_published_count():

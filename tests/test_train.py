@@ -18,6 +18,9 @@ import torch
 
 from conftest import free_port
 import train
+from training.resume import CHECKPOINT_FORMAT, LAST
+from training.services import precision_settings, quiet_jit_deprecation, run_cli
+from training.step import check_gradients, check_weights, lr_at, train_step
 from utils import checkpoint as ckpt_io
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +53,7 @@ def _train(*args: str) -> None:
 
 def _state(out: Path) -> dict:
     """Every tensor that must continue exactly: all networks, the EMA counter and Adam's moments."""
-    ckpt = torch.load(out / train.LAST, weights_only=True)
+    ckpt = torch.load(out / LAST, weights_only=True)
     tensors = {f"model.{k}": v for k, v in ckpt["model"].items()}
     for i, s in ckpt["optimizer"]["state"].items():
         tensors.update({f"adam.{i}.{k}": torch.as_tensor(v) for k, v in s.items()})
@@ -121,9 +124,9 @@ def test_bf16_precision_follows_the_float32_run():
     losses = {}
     for precision in ("tf32", "bf16"):
         cfg = train.resolve_config([*TINY, "--precision", precision, "--dropout", "0"])
-        trainer = train.Trainer(cfg, init_distributed("cpu"))
+        trainer = train.make_trainer(cfg, init_distributed("cpu"))
         assert trainer.method.autocast == (torch.bfloat16 if precision == "bf16" else None)
-        losses[precision] = torch.stack([trainer.train_step(step) for step in range(4)])
+        losses[precision] = torch.stack([train_step(trainer, step)[0] for step in range(4)])
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert not torch.equal(losses["bf16"], losses["tf32"])
     torch.testing.assert_close(losses["bf16"], losses["tf32"], rtol=2e-2, atol=0)
@@ -132,10 +135,10 @@ def test_bf16_precision_follows_the_float32_run():
 def test_precision_settings_of_cuda_matmuls_and_convolutions():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
               torch.get_float32_matmul_precision())
-    with train.precision_settings("fp32"):
+    with precision_settings("fp32"):
         assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
         for precision in ("tf32", "bf16"):
-            with train.precision_settings(precision):
+            with precision_settings(precision):
                 assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
             assert not torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
     after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
@@ -151,7 +154,7 @@ def test_lr_schedule_is_the_release_schedulers():
     const = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=100)
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, const], milestones=[warmup])
     for step in range(12):
-        assert train.lr_at(step, lr=lr, warmup_steps=warmup) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        assert lr_at(step, lr=lr, warmup_steps=warmup) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
         opt.step()
         sched.step()
 
@@ -161,7 +164,7 @@ def test_lr_schedule_is_the_release_schedulers():
 
 def test_stop_and_rerun_continues_exactly(straight, tmp_path):
     _train("--output_dir", str(tmp_path), "--dropout", "0.1", "--max_steps", "4")
-    assert torch.load(tmp_path / train.LAST, weights_only=True)["step"] == 4
+    assert torch.load(tmp_path / LAST, weights_only=True)["step"] == 4
     _train("--output_dir", str(tmp_path), "--dropout", "0.1")
     assert _max_diff(_state(straight), _state(tmp_path)) <= 1e-6  # in fact bit-identical
 
@@ -180,7 +183,7 @@ def test_sigterm_then_rerun_continues_exactly(tmp_path):
     log = "".join(seen) + rest
     assert proc.returncode == 0, log
     assert "stopped by SIGTERM" in log, log
-    stopped_at = torch.load(tmp_path / train.LAST, weights_only=True)["step"]
+    stopped_at = torch.load(tmp_path / LAST, weights_only=True)["step"]
     assert 2 <= stopped_at < 24
     subprocess.run(cmd, cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=180)
     straight = tmp_path / "straight"
@@ -189,7 +192,7 @@ def test_sigterm_then_rerun_continues_exactly(tmp_path):
 
 
 def test_release_checkpoint_resumes_at_its_epoch(straight, tmp_path):
-    ours = torch.load(straight / train.LAST, weights_only=True)
+    ours = torch.load(straight / LAST, weights_only=True)
     theirs = {"model": ours["model"], "optimizer": ours["optimizer"], "lr_schedule": {}, "epoch": 0,
               "args": argparse.Namespace(lr=0.001)}
     path = tmp_path / "release.pth"
@@ -199,7 +202,7 @@ def test_release_checkpoint_resumes_at_its_epoch(straight, tmp_path):
     _train("--resume", str(path), "--output_dir", str(out), "--max_steps", str(spe + 2))
     log = (out / "log.txt").read_text()
     assert f"resumed from {path} at step {spe}" in log
-    assert torch.load(out / train.LAST, weights_only=True)["step"] == spe + 2
+    assert torch.load(out / LAST, weights_only=True)["step"] == spe + 2
 
 
 # --------------------------------------------------------------------------- processes
@@ -228,22 +231,21 @@ def _tamper_worker(rank: int, port: int, result_dir: str) -> None:
     from utils.distributed import cleanup, init_distributed
     env = init_distributed("cpu")
     try:
-        trainer = train.Trainer(train.resolve_config([*TINY, "--output_dir", ""]), env)
-        trainer.forward_backward(0)
-        trainer.check_gradients(0)  # synchronised: passes
+        trainer = train.make_trainer(train.resolve_config([*TINY, "--output_dir", ""]), env)
+        train_step(trainer, 0, check=True)  # synchronised: passes both checks
         name, param = list(trainer.model.net.named_parameters())[3]
         messages = []
         if rank == 1:
             param.grad.add_(1e-3)
         try:
-            trainer.check_gradients(0)
+            check_gradients(trainer.model.net, 0)
         except RuntimeError as e:
             messages.append(str(e))
         if rank == 1:
             with torch.no_grad():
                 trainer.model.net_ema.enc["8x8_conv"].weight.mul_(1.5)
         try:
-            trainer.check_weights(1)
+            check_weights(trainer.model, 1)
         except RuntimeError as e:
             messages.append(str(e))
         Path(result_dir, f"{rank}.txt").write_text(name + "\n" + "\n".join(messages))
@@ -287,6 +289,41 @@ def test_missing_dataset_offline_fails_fast(tmp_path):
     assert not list(out.glob("*.pth"))
 
 
+def test_user_error_prints_one_line_and_exits_non_zero(tmp_path):
+    """A missing dataset, from the command line: one `error:` line on stderr, no traceback."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "train.py", "--device", "cpu", "--not_compile", "--data_path", str(empty),
+           "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: CIFAR-10 not found under"), done.stderr
+    assert "--data_path" in lines[0]
+
+
+def test_damaged_checkpoint_is_a_user_error(straight, tmp_path, capsys):
+    data = (straight / LAST).read_bytes()
+    (tmp_path / LAST).write_bytes(data[: len(data) // 2])
+    assert run_cli(lambda: train.main([*TINY, "--output_dir", str(tmp_path)])) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint ") and "is truncated" in err[0]
+
+
+def test_programming_error_keeps_its_traceback(tmp_path):
+    """An exception that is not a user error leaves the command line with Python's traceback."""
+    code = ("import runpy, sys, training.step\n"
+            "def broken(**kwargs):\n    raise ZeroDivisionError('a bug')\n"
+            "training.step.build_trainer = broken\n"
+            f"sys.argv = ['train.py', {', '.join(map(repr, TINY))}, '--output_dir', {str(tmp_path)!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr and "ZeroDivisionError: a bug" in done.stderr
+    assert "error: a bug" not in done.stderr
+
+
 def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -295,21 +332,21 @@ def test_unwritable_output_dir(tmp_path):
 
 
 def test_truncated_last_checkpoint_is_reported_and_kept(straight, tmp_path):
-    data = (straight / train.LAST).read_bytes()
-    (tmp_path / train.LAST).write_bytes(data[: len(data) // 2])
+    data = (straight / LAST).read_bytes()
+    (tmp_path / LAST).write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match="checkpoint-last.pth is truncated"):
         train.main([*TINY, "--output_dir", str(tmp_path)])
-    assert (tmp_path / train.LAST).read_bytes() == data[: len(data) // 2]
+    assert (tmp_path / LAST).read_bytes() == data[: len(data) // 2]
     assert not (tmp_path / "config.json").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(straight, tmp_path):
-    (tmp_path / train.LAST).write_bytes((straight / train.LAST).read_bytes())  # a good run at step 8
-    before = (tmp_path / train.LAST).read_bytes()
+    (tmp_path / LAST).write_bytes((straight / LAST).read_bytes())  # a good run at step 8
+    before = (tmp_path / LAST).read_bytes()
     # Steps of size lr = 1e30 overflow the activations within a step or two.
     with pytest.raises(RuntimeError, match="non-finite.*stopping without saving.*step 8.*left untouched"):
         train.main([*TINY, "--output_dir", str(tmp_path), "--dropout", "0.1", "--lr", "1e30", "--max_steps", "16"])
-    assert (tmp_path / train.LAST).read_bytes() == before
+    assert (tmp_path / LAST).read_bytes() == before
 
 
 # --------------------------------------------------------------------------- outputs
@@ -320,11 +357,11 @@ def test_tiny_run_writes_logs_config_and_checkpoint(straight):
     cfg = (straight / "config.json").read_text()
     assert '"preset": "tiny"' in cfg and '"total_steps": 8' in cfg
     assert list((straight / "samples").glob("step00000008_net_ema*.png"))
-    ckpt = ckpt_io.load_checkpoint(straight / train.LAST)
+    ckpt = ckpt_io.load_checkpoint(straight / LAST)
     prefixes = {k.split(".")[0] for k in ckpt["model"]}
     assert prefixes == {"num_updates", "net", "net_ema", "net_ema1", "net_ema2"}
     assert int(ckpt["model"]["num_updates"]) == ckpt["step"] == 8
-    assert ckpt["format"] == train.CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
     net = ckpt_io.load_network(ckpt, ema="net_ema1")
     assert net.state_dict().keys() == {k[len("net."):] for k in ckpt["model"] if k.startswith("net.")}
     log = (straight / "log.txt").read_text()
@@ -348,7 +385,7 @@ def test_digits_quality_separates_real_from_noise():
 def test_eval_only_evaluates_the_resume_checkpoint_not_the_last(tmp_path):
     _train("--output_dir", str(tmp_path), "--snapshot_every", "4")
     snapshot = tmp_path / "checkpoint-4.pth"
-    assert snapshot.exists() and (tmp_path / train.LAST).exists()
+    assert snapshot.exists() and (tmp_path / LAST).exists()
     _train("--output_dir", str(tmp_path), "--eval_only", "--resume", str(snapshot))
     log = (tmp_path / "log.txt").read_text()
     assert f"resumed from {snapshot} at step 4" in log
@@ -368,7 +405,7 @@ def test_torch_jit_deprecation_is_hidden_whatever_its_category():
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        train.quiet_jit_deprecation()
+        quiet_jit_deprecation()
         for category in (DeprecationWarning, FutureWarning):  # torch 2.11, torch 2.14
             for name in ("script", "script_method"):
                 warnings.warn(f"`torch.jit.{name}` is deprecated. Please switch to `torch.compile`.", category)

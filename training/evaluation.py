@@ -1,0 +1,101 @@
+"""Evaluation during training: sample grids of every network, FID (cifar10, mnist), the digits quality figure."""
+
+from pathlib import Path
+
+import torch
+
+import meanflow
+from models.ema import EMAModel
+from training.services import Log, UserError
+from utils import data as data_utils
+from utils.distributed import DistEnv
+
+GRID_SIZE = 64  # samples per grid image
+
+
+class Evaluator:
+    """evaluate(step) -> {network name: figure}: grids into OUTPUT_DIR/samples and TensorBoard, then the
+    digits quality figure (digits) or FID (compute_fid) of every network in `model`, logged.
+
+    img_shape: (C, H, W) of the samples. fid_samples: generated images per FID, drawn in batches of
+    batch_size. out: folder for the grids (None: none written). writer: a SummaryWriter or None.
+    """
+
+    def __init__(self, *, model: EMAModel, env: DistEnv, img_shape: tuple[int, int, int], dataset: str,
+                 data_path: str, seed: int = 0, compute_fid: bool = False, fid_samples: int = 50000,
+                 batch_size: int = 64, out: Path | None = None, writer=None, log: Log):
+        self.model, self.env, self.img_shape = model, env, img_shape
+        self.dataset, self.data_path, self.seed = dataset, data_path, seed
+        self.compute_fid, self.fid_samples, self.batch_size = compute_fid, fid_samples, batch_size
+        self.out, self.writer, self.log = out, writer, log
+        self.main = env.rank == 0
+        self.fid_setup = None  # (Inception extractor, reference statistics), made at the first FID
+        self.digits = None     # DigitsQuality, made at the first digits evaluation
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict:
+        results = {}
+        grid_noise = torch.randn((GRID_SIZE, *self.img_shape),
+                                 generator=data_utils.make_generator(self.seed, "grid")).to(self.env.device)
+        was_training = self.model.net.training
+        self.model.net.eval()
+        try:
+            for name, net in self.model.networks().items():
+                if self.main:
+                    self._grid(name, meanflow.sample(net, grid_noise), step)
+                if self.dataset == "digits" and self.main:
+                    results[name] = self._digits(name, net, step)
+                if self.compute_fid:
+                    results[name] = self._fid(name, net, step)
+        finally:
+            self.model.net.train(was_training)
+        return results
+
+    def _grid(self, name: str, samples: torch.Tensor, step: int) -> None:
+        import torchvision.utils as vutils
+        grid = vutils.make_grid(((samples.float().cpu() + 1) / 2).clamp(0, 1), nrow=8, padding=1, pad_value=1.0)
+        if samples.shape[-1] < 16:  # 8x8 digits: enlarge, keeping the pixels sharp
+            grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
+        if self.out is not None:
+            folder = self.out / "samples"
+            folder.mkdir(exist_ok=True)
+            vutils.save_image(grid, folder / f"step{step:08d}_{name}.png")
+        if self.writer is not None:
+            self.writer.add_image(f"samples/{name}", grid, step)
+
+    def _digits(self, name: str, net, step: int) -> dict:
+        from utils.digits_quality import DigitsQuality
+        if self.digits is None:
+            self.digits = DigitsQuality(seed=self.seed)
+            real = self.digits.real_score()
+            self.log(f"digits quality of {real['count']} held-out real digits: FD {real['fd']:.2f}, "
+                     f"confidence {real['confidence']:.3f}, classes {real['classes']:.2f}/10")
+        noise = torch.randn((self.digits.count, *self.img_shape),
+                            generator=data_utils.make_generator(self.seed, "quality")).to(self.env.device)
+        score = self.digits.score(meanflow.sample(net, noise))
+        self.log(f"digits quality of {name} at step {step}, 1-step samples: FD {score['fd']:.2f}, "
+                 f"confidence {score['confidence']:.3f}, classes {score['classes']:.2f}/10")
+        if self.writer is not None:
+            for key in ("fd", "confidence", "classes"):
+                self.writer.add_scalar(f"digits_{key}/{name}", score[key], step)
+        return score
+
+    def _fid(self, name: str, net, step: int) -> float:
+        from utils import fid
+        env = self.env if self.env.world_size > 1 else None
+        if self.fid_setup is None:
+            try:
+                extractor = fid.InceptionFeatures(device=self.env.device)
+            except RuntimeError as e:  # the weights could not be downloaded or read; the message says what to do
+                raise UserError(str(e)) from e
+            ref = fid.reference_stats(self.dataset, data_path=self.data_path, split="train",
+                                      extractor=extractor, dist=env, progress=self.main)
+            self.fid_setup = extractor, ref
+        extractor, ref = self.fid_setup
+        value = fid.fid_of_network(net, ref=ref, num_samples=self.fid_samples, batch_size=self.batch_size,
+                                   img_shape=self.img_shape, seed=self.seed, steps=1, extractor=extractor,
+                                   device=self.env.device, dist=env, progress=self.main)
+        self.log(f"FID of {name} at step {step} (1 step, {self.fid_samples} samples): {value:.3f}")
+        if self.writer is not None:
+            self.writer.add_scalar(f"fid/{name}", value, step)
+        return value

@@ -1,0 +1,131 @@
+"""The training loop: steps, logging, checkpoints, evaluation, and stopping on a signal."""
+
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from training.resume import LAST, checkpoint_state
+from training.services import Log, StopRequest, UserError, memory_gib
+from training.step import Trainer, check_weights, lr_at, train_step
+from utils import checkpoint as ckpt_io
+from utils.distributed import barrier
+
+
+def training_loop(*, trainer: Trainer, start_step: int, total_steps: int, evaluate: Callable[[int], dict],
+                  log: Log, config: dict, out: Path | None = None, writer=None, save: bool = True,
+                  log_every: int = 100, check_every: int = 1000, ckpt_every: int = 1000, snapshot_every: int = 0,
+                  eval_every: int = 50, compiling: bool = False) -> None:
+    """Train from step `start_step` to `total_steps`, then save checkpoint-last.pth and evaluate.
+
+    evaluate(step): called at the end and every `eval_every` epochs (-1: only at the end).
+    config: recorded in every checkpoint. out: folder of checkpoints (None: none written);
+    save=False writes none either. ckpt_every / snapshot_every: steps between checkpoint-last.pth /
+    checkpoint-STEP.pth (0: never). check_every: steps between checks that all ranks hold the same
+    gradients and weights (also at the first two steps and before each checkpoint). A SIGTERM or
+    SIGINT saves checkpoint-last.pth at the next step boundary and returns.
+    """
+    env, spe = trainer.env, trainer.steps_per_epoch
+    step = start_step
+    save = save and out is not None
+    saved_step = step if out is not None and (out / LAST).exists() else None  # of the checkpoint-last.pth on disk
+    loss_sum = torch.zeros((), device=trainer.device)  # losses since the last log, read only when logging
+    window, window_start, window_tic = 0, step, time.perf_counter()
+    stop = StopRequest(env)
+    bar = tqdm(total=total_steps, initial=step, disable=None if env.rank == 0 else True, dynamic_ncols=True,
+               desc="train", unit="step", file=sys.stderr)
+    log(f"training steps {start_step}..{total_steps} ({total_steps / spe:.1f} epochs of {spe} steps, global batch "
+        f"{trainer.global_batch} = {trainer.batch} x {env.world_size} processes)"
+        + (" ; compiling the training step first, this takes a while" if compiling else ""))
+    try:
+        while step < total_steps and not stop.requested():
+            # One step; the ranks' gradients and weights are compared on the first two and every check_every.
+            logging_now = (step + 1) % log_every == 0 or step + 1 == total_steps
+            checking = step - start_step < 2 or (check_every and (step + 1) % check_every == 0)
+            loss, grad_norm = train_step(trainer, step, check=checking, grad_norm=logging_now)
+            step += 1
+            loss_sum += loss
+            window += 1
+            bar.update(1)
+
+            # Log the mean loss since the last log (this waits for the device), stopping if it is not finite.
+            if logging_now:
+                mean_loss = finite_loss_sum(trainer, loss_sum, first=window_start, last=step, out=out,
+                                            saved_step=saved_step) / (window * env.world_size)
+                sec = (time.perf_counter() - window_tic) / window
+                stats = dict(loss=mean_loss, lr=lr_at(step - 1, lr=trainer.lr, warmup_steps=trainer.warmup_steps),
+                             sec_per_iter=sec, images_per_sec=trainer.global_batch / sec,
+                             grad_norm=grad_norm.item(), epoch=step / spe, memory_gib=memory_gib(trainer.device))
+                log(f"step {step}/{total_steps} | epoch {stats['epoch']:.2f} | loss {mean_loss:.5f} | "
+                    f"lr {stats['lr']:.3g} | {sec:.3f} s/it | {stats['images_per_sec']:.0f} img/s | "
+                    f"grad {stats['grad_norm']:.3g} | mem {stats['memory_gib']:.2f} GiB")
+                if writer is not None:
+                    for key, value in stats.items():
+                        writer.add_scalar(f"train/{key}", value, step)
+                loss_sum.zero_()
+                window, window_start, window_tic = 0, step, time.perf_counter()
+
+            # Save the checkpoints due; at an evaluation epoch, like the release, save what is evaluated.
+            names = [LAST] if ckpt_every and step % ckpt_every == 0 else []
+            if snapshot_every and step % snapshot_every == 0:
+                names.append(f"checkpoint-{step}.pth")
+            evaluating = step % spe == 0 and step < total_steps and eval_every > 0 and (step // spe) % eval_every == 0
+            if evaluating:
+                names = list(dict.fromkeys([LAST, *names]))
+            tic = time.perf_counter()
+            if names and save:
+                finite_loss_sum(trainer, loss_sum, first=window_start, last=step, out=out, saved_step=saved_step)
+                save_checkpoints(trainer, step, names, out=out, config=config, log=log)
+                saved_step = step
+            if evaluating:
+                evaluate(step)
+            window_tic += time.perf_counter() - tic  # s/it counts training only
+
+        # Stopped by a signal or done: checkpoint-last.pth holds this step; the end of training is evaluated.
+        stopped = step < total_steps
+        if save and (stopped or saved_step != step):
+            finite_loss_sum(trainer, loss_sum, first=window_start, last=step, out=out, saved_step=saved_step)
+            save_checkpoints(trainer, step, [LAST], out=out, config=config, log=log)
+        if stopped:
+            log(f"stopped by {signal.Signals(stop.signum).name} at step {step}"
+                + (f"; {LAST} saved: run the same command to continue" if save else ""))
+            return
+        evaluate(step)
+        log(f"done: {step} steps" + (f"; outputs in {out}" if out is not None else ""))
+        barrier()
+    finally:
+        bar.close()
+        stop.restore()
+
+
+def finite_loss_sum(trainer: Trainer, loss_sum: torch.Tensor, *, first: int, last: int, out: Path | None,
+                    saved_step: int | None) -> float:
+    """All ranks: loss_sum (the losses of steps first..last) summed over ranks. Raises if it, or any
+    weight, is not finite, saying which checkpoint-last.pth (written at saved_step) is kept."""
+    total = loss_sum.clone()
+    if trainer.env.world_size > 1:
+        dist.all_reduce(total)
+    total = total.item()
+    weights = torch.nn.utils.get_total_norm(list(trainer.model.net.parameters()))
+    if not math.isfinite(total) or not torch.isfinite(weights):
+        kept = f"{out / LAST} (step {saved_step}) is left untouched" if saved_step is not None \
+            else "no checkpoint was written"
+        raise UserError(f"loss became non-finite ({total}) between steps {first} and {last}; stopping "
+                        f"without saving: {kept}. Lower --lr or check the data.")
+    return total
+
+
+def save_checkpoints(trainer: Trainer, step: int, names: list[str], *, out: Path, config: dict, log: Log) -> None:
+    """Write the checkpoint of `step` under each name in `out` (rank 0), once all ranks hold the same weights."""
+    check_weights(trainer.model, step)
+    if trainer.env.rank == 0:
+        state = checkpoint_state(trainer, step, config=config)
+        for name in names:
+            ckpt_io.save_checkpoint(state, out / name)
+    log(f"saved {', '.join(names)} at step {step}")

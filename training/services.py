@@ -1,0 +1,160 @@
+"""What a run needs around the training step: user errors, the log, stop requests, the output
+folder, the training images, memory figures and precision settings."""
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from utils import data as data_utils
+from utils.distributed import DistEnv, barrier
+
+PRECISIONS = ("tf32", "fp32", "bf16")
+
+
+class UserError(RuntimeError):
+    """A mistake the user can fix (an unwritable folder, an unreadable or mismatching checkpoint, a bad
+    setting); its message says what to do. A RuntimeError, so callers that caught those still do."""
+
+
+# What the command line reports as one `error:` line: our UserError, and the FileNotFoundError that
+# utils.data (missing dataset), utils.checkpoint (missing checkpoint) and utils.fid (missing Inception
+# weights) raise with a message naming the file to provide.
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """main()'s exit code; a user error prints one `error: ...` line on stderr and gives 1.
+    Any other exception propagates with its traceback."""
+    try:
+        return main()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+class Log:
+    """Rank 0 prints (above the progress bar) and appends to OUTPUT_DIR/log.txt; other ranks stay quiet."""
+
+    def __init__(self, enabled: bool, path: Path | None):
+        self.enabled, self.path = enabled, path
+
+    def __call__(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(msg, file=sys.stdout)
+        sys.stdout.flush()
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+
+class StopRequest:
+    """SIGTERM / SIGINT ask the loop to save and stop at the next step boundary.
+
+    The handler only sets a flag. With several processes the flag is combined over ranks through
+    a gloo group on CPU tensors every step: no device sync, and every rank stops at the same step
+    even if only some received the signal. A second Ctrl-C aborts at once.
+    """
+
+    def __init__(self, env: DistEnv):
+        self.signum = None
+        self.group = dist.new_group(backend="gloo") if env.world_size > 1 else None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        if self.group is None:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else int(self.signum)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        signum = int(flag.item())
+        if signum and self.signum is None:
+            self.signum = signum
+        return signum != 0
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def check_output_dir(out: Path) -> None:
+    """Create the folder and prove it is writable before any work."""
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --output_dir {out} ({type(e).__name__}: {e}); "
+                        f"choose a writable folder") from e
+
+
+def load_training_images(dataset: str, *, data_path: str, env: DistEnv) -> torch.Tensor:
+    """uint8 [N, C, H, W]; a missing dataset fails within seconds when offline (FileNotFoundError).
+
+    One process per node reads (and, online, downloads) first: torchvision writes the archive in
+    place, so concurrent downloads into one folder would corrupt it.
+    """
+    if env.local_rank != 0:
+        barrier()
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an unreachable mirror must not hang the start of a job
+    try:
+        images = data_utils.load_dataset(dataset, data_path=data_path, train=True)
+    finally:
+        socket.setdefaulttimeout(old)
+    if env.local_rank == 0:
+        barrier()
+    return images
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory, or the process's peak resident memory on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def quiet_jit_deprecation() -> None:
+    """Hide torch's warning that torch.jit.script is deprecated: its forward-mode AD builds its own
+    decompositions with it, which no user can act on. Any category: torch 2.11 raises it as a
+    DeprecationWarning, 2.14 as a FutureWarning."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
+
+
+def apply_precision(precision: str) -> None:
+    """CUDA's float32 matmul and convolution settings for --precision (no effect on CPU).
+
+    bf16 keeps TF32 for what runs outside autocast (the loss arithmetic is elementwise).
+    """
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+@contextlib.contextmanager
+def precision_settings(precision: str):
+    """apply_precision(precision) for a block, then the settings that were in force before."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    apply_precision(precision)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
