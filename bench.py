@@ -304,7 +304,8 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
-    report["ours"], report["flops"], check = attempt(errors, "ours (set-up)", lambda: ours(args, cfg, env, errors)) or (None, {}, None)
+    report["ours"], report["flops"], check = (attempt(errors, "ours (set-up)", lambda: ours(args, cfg, env, errors))
+                                              or (None, {}, None))
     save()  # a side-by-side run cut short still leaves our figures
     if args.baseline:
         # Free our trainer and compiled graphs so that the release's peak memory is its own.

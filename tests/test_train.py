@@ -310,6 +310,14 @@ def test_damaged_checkpoint_is_a_user_error(straight, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: checkpoint ") and "is truncated" in err[0]
 
 
+def test_checkpoint_of_another_network_is_a_user_error(straight, tmp_path, capsys):
+    argv = [*TINY, "--model_channels", "8", "--resume", str(straight / LAST), "--output_dir", str(tmp_path)]
+    assert run_cli(lambda: train.main(argv)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit this run's network" in err[0] and "size mismatch for net." in err[0]
+    assert "more)" in err[0] and "pass the network flags" in err[0]
+
+
 def test_programming_error_keeps_its_traceback(tmp_path):
     """An exception that is not a user error leaves the command line with Python's traceback."""
     code = ("import runpy, sys, training.step\n"

@@ -65,8 +65,13 @@ def load_state(trainer: Trainer, ckpt: dict, source: str) -> tuple[int, list[str
     try:
         trainer.model.load_state_dict(ckpt["model"], strict=True)
     except (KeyError, RuntimeError) as e:
+        # torch lists every mismatching tensor on a line of its own: name the first and count the rest.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 else str(e)
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
         raise UserError(f"{source} does not fit this run's network {trainer.model_config} with EMA copies "
-                        f"{trainer.model.ema_names()}: {e}; pass the network flags of the run that wrote it") from e
+                        f"{trainer.model.ema_names()}: {first}{more}; pass the network flags of the run that "
+                        f"wrote it") from e
     if "optimizer" in ckpt:
         try:
             _load_optimizer(trainer.optimizer, ckpt["optimizer"])
