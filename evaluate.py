@@ -15,18 +15,11 @@ import sys
 
 from sample import HelpFormatter, load_model, parse_model_config
 from utils.checkpoint import available_networks, load_checkpoint
+from utils.data import DATASETS
 from utils.distributed import cleanup, init_distributed
-from utils.fid import (
-    WEIGHTS_ENV,
-    WEIGHTS_FILE,
-    InceptionFeatures,
-    fid_of_network,
-    load_stats,
-    reference_key,
-    reference_path,
-    reference_stats,
-    save_stats,
-)
+from utils.errors import UserValueError, exit_on_user_error
+from utils.fid import fid_of_network, load_stats, reference_key, reference_path, reference_stats, save_stats
+from utils.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionFeatures
 
 
 def checkpoint_dataset(ckpt: dict) -> str | None:
@@ -57,7 +50,7 @@ def select_networks(ckpt: dict, requested: list[str]) -> list[str]:
         return emas or available
     missing = [n for n in requested if n not in available]
     if missing:
-        raise ValueError(f"--ema {' '.join(missing)}: not in the checkpoint; available: {available} or 'all'")
+        raise UserValueError(f"--ema {' '.join(missing)}: not in the checkpoint; available: {available} or 'all'")
     return requested
 
 
@@ -71,21 +64,21 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_fid(args: argparse.Namespace) -> list[dict]:
-    dist = init_distributed(args.device)
-    main = dist.rank == 0
+    env = init_distributed(args.device)
+    main = env.rank == 0
     try:
         ckpt = load_checkpoint(args.ckpt)
         names = select_networks(ckpt, args.ema)
-        extractor = InceptionFeatures(args.inception_weights, device=dist.device, download=not args.no_download)
+        extractor = InceptionFeatures(args.inception_weights, device=env.device, download=not args.no_download)
         if args.ref:
             ref = load_stats(args.ref)
             ref_name = args.ref
         else:
             dataset = args.dataset or checkpoint_dataset(ckpt)
             if not dataset:
-                raise ValueError(f"{args.ckpt} does not record its dataset: pass --dataset or --ref FILE.npz")
+                raise UserValueError(f"{args.ckpt} does not record its dataset: pass --dataset or --ref FILE.npz")
             ref = reference_stats(dataset, data_path=args.data_path, split="train", extractor=extractor,
-                                  cache_dir=args.cache_dir, dist=dist, batch_size=args.batch_size,
+                                  cache_dir=args.cache_dir, env=env, batch_size=args.batch_size,
                                   download=not args.no_download)
             ref_name = reference_path(dataset, split="train", extractor=extractor, cache_dir=args.cache_dir,
                                       data_path=args.data_path)
@@ -93,11 +86,11 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
         config = parse_model_config(args.model_config)
         rows = []
         for name in names:
-            net, shape = load_model(ckpt, ema=name, model_config=config, device=dist.device)
+            net, shape = load_model(ckpt, ema=name, model_config=config, device=env.device)
             for steps in args.steps:
                 fid = fid_of_network(net, ref=ref, num_samples=args.fid_samples, batch_size=args.batch_size,
                                      img_shape=shape, seed=args.seed, steps=steps, extractor=extractor,
-                                     device=dist.device, dist=dist, progress=main)
+                                     device=env.device, env=env, progress=main)
                 rows.append(dict(ema=name, decay=decays.get(name), steps=steps, fid=fid))
                 if main:
                     print(f"{name} {steps}-step FID {fid:.3f}", flush=True)
@@ -105,7 +98,7 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
             print(format_table(rows))
             if args.out:
                 result = dict(ckpt=args.ckpt, ref=ref_name, extractor=extractor.key, fid_samples=args.fid_samples,
-                              seed=args.seed, world_size=dist.world_size, results=rows)
+                              seed=args.seed, world_size=env.world_size, results=rows)
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=2)
                 print(f"wrote {args.out}")
@@ -115,13 +108,13 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
 
 
 def run_ref(args: argparse.Namespace) -> None:
-    dist = init_distributed(args.device)
+    env = init_distributed(args.device)
     try:
-        extractor = InceptionFeatures(args.inception_weights, device=dist.device, download=not args.no_download)
+        extractor = InceptionFeatures(args.inception_weights, device=env.device, download=not args.no_download)
         mu, sigma = reference_stats(args.dataset, data_path=args.data_path, split=args.split, extractor=extractor,
-                                    cache_dir=args.cache_dir, dist=dist, batch_size=args.batch_size,
+                                    cache_dir=args.cache_dir, env=env, batch_size=args.batch_size,
                                     download=not args.no_download)
-        if dist.rank == 0:
+        if env.rank == 0:
             cached = reference_path(args.dataset, split=args.split, extractor=extractor, cache_dir=args.cache_dir,
                                     data_path=args.data_path)
             print(f"reference statistics ({mu.shape[0]}-d features) cached at {cached}")
@@ -158,7 +151,8 @@ def fid_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
     p.add_argument("--ref", default=None, help="reference .npz with mu, sigma (e.g. EDM's cifar10-32x32.npz); "
                    "default: the cached statistics of the checkpoint's training set")
-    p.add_argument("--dataset", default=None, help="dataset of the reference statistics (default: the checkpoint's)")
+    p.add_argument("--dataset", default=None, choices=list(DATASETS),
+                   help="dataset of the reference statistics (default: the checkpoint's)")
     p.add_argument("--model_config", default=None, help="SongUNet kwargs as JSON for checkpoints without a config")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     _add_common(p)
@@ -172,7 +166,7 @@ def ref_parser() -> argparse.ArgumentParser:
         "<cache_dir>/<dataset>-<split>-<extractor>.npz.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", required=True, choices=["cifar10", "mnist", "digits"], help="dataset")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset")
     p.add_argument("--split", default="train", choices=["train", "test"], help="split (FID uses train)")
     p.add_argument("--out", default=None, help="also write the statistics to this .npz")
     _add_common(p)
@@ -180,17 +174,23 @@ def ref_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None):
+    """`evaluate.py [fid] ...` returns the FID rows; `evaluate.py ref ...` computes reference statistics."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "ref":
-        return run_ref(ref_parser().parse_args(argv[1:]))
+        parser = ref_parser()
+        args = parser.parse_args(argv[1:])
+        if args.batch_size < 1:
+            parser.error("--batch_size must be >= 1")
+        return run_ref(args)
     if argv and argv[0] == "fid":
         argv = argv[1:]
     parser = fid_parser()
     args = parser.parse_args(argv)
-    if args.fid_samples < 2 or min(args.steps) < 1:
-        parser.error("--fid_samples must be >= 2 and --steps >= 1")
+    if args.fid_samples < 2 or min(args.steps) < 1 or args.batch_size < 1:
+        parser.error("--fid_samples must be >= 2, --steps and --batch_size >= 1")
     return run_fid(args)
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

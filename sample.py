@@ -19,9 +19,10 @@ import torch.distributed
 import torch.nn.functional as F
 from PIL import Image
 
-from utils.checkpoint import load_checkpoint, load_network
+from utils.checkpoint import atomic_write, load_network
 from utils.distributed import cleanup, init_distributed
-from utils.fid import generate, savez_atomic, shard
+from utils.errors import UserFileError, UserValueError, exit_on_user_error
+from utils.sampling import generate, shard
 
 
 def load_model(
@@ -32,7 +33,6 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """(network in eval mode, image shape (C, H, W)) from a checkpoint path or loaded dict."""
-    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
     net = load_network(ckpt, ema=ema, model_config=model_config, device=device)
     return net, (net.in_channels, net.img_resolution, net.img_resolution)
 
@@ -46,14 +46,14 @@ def sample_images(
     steps: int = 1,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
-    dist=None,
+    env=None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """uint8 [N, C, H, W] samples 0..N-1 of ``net``; with ``dist`` each rank draws its share and
-    rank 0 returns all of them (the other ranks return their own share)."""
+    """uint8 [N, C, H, W] samples 0..N-1 of ``net``; with ``env`` (a DistEnv) each rank draws its share
+    and rank 0 returns all of them (the other ranks return their own share)."""
     from tqdm.auto import tqdm
 
-    indices = shard(num_samples, dist)
+    indices = shard(num_samples, env)
     parts = []
     with tqdm(total=len(indices), desc=f"{steps}-step samples", unit="img", disable=not progress) as bar:
         for batch, images in generate(
@@ -62,11 +62,11 @@ def sample_images(
             parts.append(images.cpu())
             bar.update(len(batch))
     local = torch.cat(parts) if parts else torch.empty((0, *img_shape), dtype=torch.uint8)
-    if dist is None or dist.world_size <= 1:
+    if env is None or env.world_size <= 1:
         return local
-    gathered = [None] * dist.world_size if dist.rank == 0 else None
+    gathered = [None] * env.world_size if env.rank == 0 else None
     torch.distributed.gather_object(local.numpy(), gathered, dst=0)
-    if dist.rank != 0:
+    if env.rank != 0:
         return local
     # Shares are contiguous and in rank order, so concatenation restores sample order.
     return torch.from_numpy(np.concatenate(gathered))
@@ -93,7 +93,8 @@ def image_grid(images: torch.Tensor, *, nrow: int | None = None, min_cell: int =
 
 def save_npz(path: str, images: torch.Tensor) -> None:
     """Write uint8 [N, C, H, W] as N x H x W x C under ``arr_0``, atomically."""
-    savez_atomic(path, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy())
+    array = images.permute(0, 2, 3, 1).contiguous().numpy()
+    atomic_write(path, lambda f: np.savez(f, arr_0=array), what="samples")
 
 
 def parse_model_config(text: str | None) -> dict | None:
@@ -102,13 +103,15 @@ def parse_model_config(text: str | None) -> dict | None:
         return None
     if os.path.isfile(text):
         with open(text) as f:
-            return json.load(f)
+            source = f.read()
+    else:
+        source = text
     try:
-        config = json.loads(text)
+        config = json.loads(source)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--model_config {text!r} is neither a JSON file nor a JSON object ({err})") from err
+        raise UserValueError(f"--model_config {text!r} is neither a JSON file nor a JSON object ({err})") from err
     if not isinstance(config, dict):
-        raise ValueError(f"--model_config must be a JSON object of SongUNet arguments, got {text!r}")
+        raise UserValueError(f"--model_config must be a JSON object of SongUNet arguments, got {text!r}")
     return config
 
 
@@ -143,31 +146,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.out and not args.grid:
         p.error("nothing to write: give --out FILE.npz and/or --grid FILE.png")
-    if args.num_samples < 1 or args.steps < 1 or args.batch_size < 1:
-        p.error("--num_samples, --steps and --batch_size must be >= 1")
+    if min(args.num_samples, args.steps, args.batch_size, args.grid_count) < 1:
+        p.error("--num_samples, --steps, --batch_size and --grid_count must be >= 1")
     return args
+
+
+def save_grid(path: str, images: torch.Tensor) -> None:
+    """Write ``image_grid(images)`` to ``path``; the format follows the file extension (PNG, JPEG, ...)."""
+    try:
+        image_grid(images).save(path)
+    except ValueError as err:  # PIL: an extension it has no writer for
+        raise UserFileError(f"cannot write the grid {path} ({err}); give --grid a name ending in .png") from err
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    dist = init_distributed(args.device)
+    env = init_distributed(args.device)
     try:
         net, shape = load_model(args.ckpt, ema=args.ema, model_config=parse_model_config(args.model_config),
-                                device=dist.device)
+                                device=env.device)
         images = sample_images(
             net, num_samples=args.num_samples, img_shape=shape, seed=args.seed, steps=args.steps,
-            batch_size=args.batch_size, device=dist.device, dist=dist, progress=dist.rank == 0,
+            batch_size=args.batch_size, device=env.device, env=env, progress=env.rank == 0,
         )
-        if dist.rank == 0:
+        if env.rank == 0:
             if args.out:
                 save_npz(args.out, images)
                 print(f"wrote {images.shape[0]} images {tuple(images.shape[1:])} to {args.out}")
             if args.grid:
-                image_grid(images[: args.grid_count]).save(args.grid)
+                save_grid(args.grid, images[: args.grid_count])
                 print(f"wrote a grid of {min(args.grid_count, images.shape[0])} images to {args.grid}")
     finally:
         cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()

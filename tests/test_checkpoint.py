@@ -9,6 +9,7 @@ import torch
 import utils.checkpoint as ckpt_io
 from models.unet import CIFAR10_CONFIG, SongUNet
 from utils.checkpoint import available_networks, infer_unet_config, load_checkpoint, load_network, save_checkpoint
+from utils.errors import UserError, UserFileError
 
 
 class NotAllowed:
@@ -72,6 +73,38 @@ def test_folder_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RuntimeError, match="not writable"):
         save_checkpoint({"step": 1}, tmp_path / "file" / "ckpt.pth")
+
+
+def test_atomic_write_is_the_writer_of_statistics_and_samples(tmp_path, monkeypatch):
+    import numpy as np
+
+    import sample
+    from utils.fid import load_stats, save_stats
+
+    path = tmp_path / "stats.npz"
+    save_stats(str(path), np.zeros(3), np.eye(3), key="k")
+
+    def half_then_fail(f, **arrays):
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    for write in (lambda: save_stats(str(path), np.ones(3), np.eye(3)),
+                  lambda: sample.save_npz(str(path), torch.zeros(1, 1, 2, 2, dtype=torch.uint8))):
+        with pytest.raises(UserFileError, match="No space left.*unchanged"):
+            write()
+    monkeypatch.undo()
+    assert np.array_equal(load_stats(str(path))[0], np.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["stats.npz"]
+
+
+def test_atomic_write_failure_kinds(tmp_path):
+    def bug(f):
+        raise TypeError("not bytes")
+    with pytest.raises(RuntimeError, match="not bytes") as info:  # a programming error: not a user error
+        ckpt_io.atomic_write(tmp_path / "x.bin", bug)
+    assert not isinstance(info.value, UserError) and list(tmp_path.iterdir()) == []
+    ckpt_io.atomic_write(tmp_path / "x.bin", lambda f: f.write(b"abc"))
+    assert (tmp_path / "x.bin").read_bytes() == b"abc"
 
 
 def test_truncated_or_foreign_files(tmp_path):

@@ -1,6 +1,11 @@
-"""utils/fid.py: Frechet distance against closed forms, statistics sharding, reference cache, Inception loading."""
+"""utils/fid.py and utils/inception.py: Frechet distance against closed forms, statistics sharding, reference
+cache, Inception loading; evaluate.py."""
 
 import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +15,10 @@ import torch.multiprocessing as mp
 
 from conftest import free_port
 import utils.fid as fid
+import utils.inception as inception
 from utils.distributed import DistEnv, cleanup
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeExtractor:
@@ -84,21 +92,7 @@ def test_frechet_rejects_mismatched_shapes():
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
 
 
-# ---------------------------------------------------------------- quantisation, noise, statistics
-
-
-def test_to_uint8_rounds_like_edm():
-    levels = torch.arange(256, dtype=torch.float32)
-    assert torch.equal(fid.to_uint8(levels / 127.5 - 1).long(), levels.long())
-    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, (100.6 / 127.5) - 1])
-    assert fid.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 101]
-
-
-def test_sample_noise_depends_only_on_seed_and_index():
-    full = fid.sample_noise(3, torch.arange(6), (1, 2, 2))
-    part = fid.sample_noise(3, torch.tensor([4, 1]), (1, 2, 2))
-    assert full.shape == (6, 1, 2, 2) and torch.equal(part, full[[4, 1]])
-    assert not torch.equal(fid.sample_noise(4, torch.arange(6), (1, 2, 2)), full)
+# ---------------------------------------------------------------- statistics
 
 
 def test_feature_stats_match_numpy_and_grey_images_become_rgb():
@@ -141,9 +135,9 @@ def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        dist = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+        env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
         value = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=4, img_shape=(3, 4, 4), seed=2,
-                                   steps=2, extractor=FakeExtractor(), dist=dist, progress=False)
+                                   steps=2, extractor=FakeExtractor(), env=env, progress=False)
         np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array(value))
     finally:
         cleanup()
@@ -203,6 +197,17 @@ def test_reference_stats_cached_and_keyed(tmp_path, monkeypatch):
     assert np.allclose(mu4, mu + 1)
 
 
+def test_load_stats_names_files_that_are_not_statistics(tmp_path):
+    from utils.errors import UserFileError
+
+    (tmp_path / "text.npz").write_text("not numpy")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    for name, message in [("text.npz", "not a statistics file"), ("one.npy", "one array"), ("other.npz", "'mu'")]:
+        with pytest.raises(UserFileError, match=message):
+            fid.load_stats(str(tmp_path / name))
+
+
 def test_reference_stats_rejects_unknown_split():
     with pytest.raises(ValueError, match="split"):
         fid.reference_stats("toy", split="val", extractor=FakeExtractor(), cache_dir="unused")
@@ -230,10 +235,10 @@ def _random_inception_file(path, monkeypatch) -> None:
 
 
 def test_inception_loads_weights_file_and_gives_2048_features(tmp_path, monkeypatch):
-    path = tmp_path / fid.WEIGHTS_FILE
+    path = tmp_path / inception.WEIGHTS_FILE
     _random_inception_file(path, monkeypatch)
-    ext = fid.InceptionFeatures(weights_path=str(path))
-    assert ext.key == f"inception-v3-compat-{fid.file_digest(str(path))}"
+    ext = inception.InceptionFeatures(weights_path=str(path))
+    assert ext.key == f"inception-v3-compat-{inception.file_digest(str(path))}"
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     feats = ext(images)
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and not torch.equal(feats[0], feats[1])
@@ -245,9 +250,9 @@ def test_inception_weights_found_via_env_and_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     local = tmp_path / "w.pth"
     local.write_bytes(b"x")
-    monkeypatch.setenv(fid.WEIGHTS_ENV, str(local))
-    assert fid.resolve_inception_weights(download=False) == str(local)
-    monkeypatch.delenv(fid.WEIGHTS_ENV)
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(local))
+    assert inception.resolve_inception_weights(download=False) == str(local)
+    monkeypatch.delenv(inception.WEIGHTS_ENV)
 
     fetched = []
 
@@ -256,27 +261,30 @@ def test_inception_weights_found_via_env_and_hub_cache(tmp_path, monkeypatch):
         with open(dst, "wb") as f:
             f.write(b"y")
 
-    monkeypatch.setattr(fid, "_download", fake_download)
-    path = fid.resolve_inception_weights()
-    assert path == fid.default_weights_path() and path.startswith(str(tmp_path)) and fetched == [fid.WEIGHTS_URL]
-    assert fid.resolve_inception_weights(download=False) == path and len(fetched) == 1
+    monkeypatch.setattr(inception, "_download", fake_download)
+    path = inception.resolve_inception_weights()
+    assert path == inception.default_weights_path() and path.startswith(str(tmp_path))
+    assert fetched == [inception.WEIGHTS_URL]
+    assert inception.resolve_inception_weights(download=False) == path and len(fetched) == 1
 
 
 def test_inception_offline_error_names_file_and_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
 
     def offline(url, dst):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(fid, "_download", offline)
-    for call, error in [(lambda: fid.InceptionFeatures(), RuntimeError),
-                        (lambda: fid.InceptionFeatures(download=False), FileNotFoundError),
-                        (lambda: fid.InceptionFeatures(weights_path=str(tmp_path / "none.pth")), FileNotFoundError)]:
+    monkeypatch.setattr(inception, "_download", offline)
+    missing = str(tmp_path / "none.pth")
+    for call, error in [(lambda: inception.InceptionFeatures(), RuntimeError),
+                        (lambda: inception.InceptionFeatures(download=False), FileNotFoundError),
+                        (lambda: inception.InceptionFeatures(weights_path=missing), FileNotFoundError)]:
         with pytest.raises(error) as info:
             call()
         message = str(info.value)
-        assert fid.WEIGHTS_FILE in message and "--inception_weights" in message and fid.WEIGHTS_ENV in message
+        assert inception.WEIGHTS_FILE in message and "--inception_weights" in message
+        assert inception.WEIGHTS_ENV in message
 
 
 # ---------------------------------------------------------------- evaluate.py
@@ -314,3 +322,36 @@ def test_evaluate_cli_table_json_and_ref_tool(fixtures_dir, tmp_path, monkeypatc
     authors = {"args": argparse.Namespace(dataset="cifar10", ema_decay=0.9999, ema_decays=[0.99995, 0.9996])}
     assert evaluate.checkpoint_dataset(authors) == "cifar10"
     assert evaluate.ema_decays(authors) == {"net_ema": 0.9999, "net_ema1": 0.99995, "net_ema2": 0.9996}
+
+
+def test_evaluate_cli_user_error_is_one_line(fixtures_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "torch"),
+               MEANFLOW_INCEPTION_WEIGHTS=str(tmp_path / "missing.pth"))
+    run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(fixtures_dir / "official_unet_small.pt"),
+                          "--dataset", "digits", "--no_download", "--device", "cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and inception.WEIGHTS_FILE in lines[0], run.stderr
+    assert "--inception_weights" in lines[0]
+
+
+def test_evaluate_cli_unknown_ema_and_programming_error(fixtures_dir, tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "edm.npz", mu=np.zeros(12), sigma=np.eye(12))
+    monkeypatch.setattr(inception, "InceptionFeatures", lambda *a, **k: FakeExtractor())
+    argv = ["evaluate.py", "--ckpt", str(fixtures_dir / "official_unet_small.pt"), "--fid_samples", "4",
+            "--ref", str(tmp_path / "edm.npz"), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv + ["--ema", "net_ema7"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1 and err.startswith("error: --ema net_ema7"), err
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a user error")
+
+    monkeypatch.setattr(fid, "fid_of_network", broken)
+    monkeypatch.setattr(sys, "argv", argv + ["--ema", "net"])
+    with pytest.raises(TypeError, match="a bug"):  # propagates: Python prints its traceback
+        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+    assert "error:" not in capsys.readouterr().err

@@ -1,6 +1,11 @@
-"""sample.py: the authors' checkpoint layout loads and samples as their code does; output independent of batching."""
+"""sample.py and utils/sampling.py: the authors' checkpoint layout loads and samples as their code does; output
+independent of batching; user errors end in one line (utils/errors.py)."""
 
 import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +18,24 @@ from conftest import free_port
 import meanflow
 import sample
 from utils.distributed import DistEnv, cleanup
-from utils.fid import sample_noise, to_uint8
+from utils.errors import UserFileError, UserValueError, exit_on_user_error
+from utils.sampling import sample_noise, to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_to_uint8_rounds_like_edm():
+    levels = torch.arange(256, dtype=torch.float32)
+    assert torch.equal(to_uint8(levels / 127.5 - 1).long(), levels.long())
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0, (100.6 / 127.5) - 1])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 101]
+
+
+def test_sample_noise_depends_only_on_seed_and_index():
+    full = sample_noise(3, torch.arange(6), (1, 2, 2))
+    part = sample_noise(3, torch.tensor([4, 1]), (1, 2, 2))
+    assert full.shape == (6, 1, 2, 2) and torch.equal(part, full[[4, 1]])
+    assert not torch.equal(sample_noise(4, torch.arange(6), (1, 2, 2)), full)
 
 
 def test_official_network_reproduces_reference_one_step_sample(fixtures_dir):
@@ -70,9 +92,9 @@ def _sample_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        dist = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+        env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
         images = sample.sample_images(toy_net, num_samples=7, img_shape=(1, 4, 4), seed=1, steps=2, batch_size=2,
-                                      dist=dist)
+                                      env=env)
         np.save(os.path.join(out_dir, f"rank{rank}.npy"), images.numpy())
     finally:
         cleanup()
@@ -83,3 +105,80 @@ def test_two_processes_gather_the_single_process_samples(tmp_path):
     mp.spawn(_sample_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert np.array_equal(np.load(tmp_path / "rank0.npy"), single.numpy())
     assert np.array_equal(np.load(tmp_path / "rank1.npy"), single[4:].numpy())
+
+
+# ---------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize("error", [UserValueError("bad --x\n  value"), UserFileError("damaged file"),
+                                   FileNotFoundError("missing.pth"), PermissionError(13, "Permission denied")])
+def test_user_errors_exit_with_one_line(error, capsys):
+    with pytest.raises(SystemExit) as info, exit_on_user_error():
+        raise error
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert isinstance(UserValueError("x"), ValueError) and isinstance(UserFileError("x"), RuntimeError)
+
+
+@pytest.mark.parametrize("error", [TypeError("bug"), RuntimeError("bug"), ValueError("bug"), SystemExit(2)])
+def test_other_exceptions_pass_through(error, capsys):
+    with pytest.raises(type(error)), exit_on_user_error():
+        raise error
+    assert capsys.readouterr().err == ""
+
+
+def _run_sample_main(argv: list[str], monkeypatch) -> None:
+    """Run sample.py as `python sample.py ARGV` does, in this process."""
+    monkeypatch.setattr(sys, "argv", ["sample.py"] + argv)
+    runpy.run_path(str(ROOT / "sample.py"), run_name="__main__")
+
+
+def test_cli_user_error_prints_one_line_without_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "missing.pth"), "--out",
+                          str(tmp_path / "x.npz"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint") and "missing.pth" in lines[0], run.stderr
+
+
+def test_cli_user_errors(fixtures_dir, tmp_path, monkeypatch, capsys):
+    ckpt = str(fixtures_dir / "official_unet_small.pt")
+    no_config = tmp_path / "no_config.pth"  # as the authors' files: weights only
+    torch.save({"model": torch.load(ckpt, weights_only=True)["model"]}, no_config)
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"PK\x03\x04 half a checkpoint")
+    (tmp_path / "file").write_text("x")
+    common = ["--num_samples", "2", "--device", "cpu"]
+    cases = [
+        (["--ckpt", str(damaged), "--out", str(tmp_path / "a.npz")], "truncated or not a checkpoint"),
+        (["--ckpt", ckpt, "--ema", "net_ema7", "--out", str(tmp_path / "a.npz")], "no network 'net_ema7'"),
+        (["--ckpt", str(no_config), "--model_config", '{"channels": 3}', "--out", str(tmp_path / "a.npz")],
+         "--model_config"),
+        (["--ckpt", ckpt, "--ema", "net", "--out", str(tmp_path / "file" / "a.npz")], "not writable"),
+        (["--ckpt", ckpt, "--ema", "net", "--grid", str(tmp_path / "grid.xyz")], "grid.xyz"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            _run_sample_main(argv + common, monkeypatch)
+        err = capsys.readouterr().err.splitlines()  # a progress bar may come first
+        assert info.value.code == 1 and err[-1].startswith("error: ") and message in err[-1], err
+        assert sum("error" in line for line in err) == 1
+    # Flags out of range are argparse's usage errors (exit 2).
+    with pytest.raises(SystemExit) as info:
+        _run_sample_main(["--ckpt", ckpt, "--out", str(tmp_path / "a.npz"), "--steps", "0"], monkeypatch)
+    assert info.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_cli_programming_error_keeps_traceback(fixtures_dir, tmp_path):
+    # A bug inside the sampler (here: a TypeError planted in utils.sampling.generate) is not a user error.
+    code = ("import runpy, sys, utils.sampling\n"
+            "def broken(*args, **kwargs):\n    raise TypeError('a bug, not a user error')\n"
+            "utils.sampling.generate = broken\n"
+            "sys.argv = ['sample.py'] + sys.argv[1:]\n"
+            "runpy.run_path('sample.py', run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", code, "--ckpt", str(fixtures_dir / "official_unet_small.pt"),
+                          "--out", str(tmp_path / "x.npz"), "--device", "cpu"], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert run.returncode != 0 and "Traceback" in run.stderr and "TypeError: a bug" in run.stderr, run.stderr
+    assert "error: a bug" not in run.stderr

@@ -1,29 +1,34 @@
-"""Checkpoints: atomic save, safe load (ours and the authors'), and rebuilding a network from a file.
+"""Checkpoints: atomic writes (of every file we save), safe load (ours and the authors'), rebuilding networks.
 
 The authors' files hold `{"model", "optimizer", "lr_schedule", "epoch", "args"}` with `args` an
 argparse.Namespace and no network config; `infer_unet_config` recovers the config from the weights.
 """
 import argparse
+import inspect
 import os
 import re
 import uuid
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
 from models.unet import SongUNet
+from utils.errors import UserFileError, UserValueError
 
 # Types besides tensors and builtins that a checkpoint may hold: the release stores its arguments
 # as an argparse.Namespace. Nothing else is unpickled.
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write `state` with torch.save so that `path` always holds either the old or the new file.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, what: str = "file") -> None:
+    """Write `path` through `write(f)` (f a binary file) so that it always holds either the old or the new file.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, then renamed over
-    `path` (a rename within a folder is atomic). On any failure the temporary file is removed and
-    an existing checkpoint is left as it was.
+    `path` (a rename within a folder is atomic), and the folder is synced so the rename lasts. On
+    any failure the temporary file is removed and an existing file is left as it was. Raises
+    UserFileError (a RuntimeError) naming `what` and `path` when the OS refuses (unwritable folder,
+    full disk), RuntimeError when `write` fails otherwise.
     """
     path = Path(path)
     folder = path.parent
@@ -32,21 +37,27 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         f = open(tmp, "xb")
     except OSError as e:
-        raise RuntimeError(f"cannot write checkpoint {path}: the folder {folder} is not writable "
-                           f"({type(e).__name__}: {e}); choose another output folder") from e
+        raise UserFileError(f"cannot write {what} {path}: the folder {folder} is not writable "
+                            f"({type(e).__name__}: {e}); choose another output folder") from e
     try:
         with f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, Exception):
-            raise RuntimeError(f"writing checkpoint {path} failed ({type(e).__name__}: {e}); "
-                               f"any previous file at that path is unchanged") from e
+            error = UserFileError if isinstance(e, OSError) else RuntimeError
+            raise error(f"writing {what} {path} failed ({type(e).__name__}: {e}); "
+                        f"any previous file at that path is unchanged") from e
         raise
     _fsync_folder(folder)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save `state` to `path` with atomic_write: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -68,7 +79,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
 
     Uses torch.load(weights_only=True), which only rebuilds tensors, builtins and SAFE_GLOBALS.
     trusted=True switches to full unpickling, which can run arbitrary code: only for files you made.
-    Raises FileNotFoundError if missing, RuntimeError naming the file if it is damaged or not a checkpoint.
+    Raises FileNotFoundError if missing, UserFileError (a RuntimeError) naming the file if it is damaged or not
+    a checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -81,14 +93,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
                 ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         if "weights only load failed" in str(e).lower() and "unsupported global" in str(e).lower():
-            raise RuntimeError(f"checkpoint {path} contains Python objects that are not loaded for safety "
+            raise UserFileError(f"checkpoint {path} contains Python objects that are not loaded for safety "
                                f"({str(e).splitlines()[0]} ...); if you made this file yourself, load it with "
                                f"load_checkpoint(..., trusted=True)") from e
-        raise RuntimeError(f"checkpoint {path} is truncated or not a checkpoint ({type(e).__name__}); "
-                           f"delete it or pass --resume with another file") from e
+        raise UserFileError(f"checkpoint {path} is truncated or not a checkpoint ({type(e).__name__}); "
+                            f"delete it or pass another file to --resume / --ckpt") from e
     if not isinstance(ckpt, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict; "
-                           f"delete it or pass --resume with another file")
+        raise UserFileError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict; "
+                            f"delete it or pass another file to --resume / --ckpt")
     return ckpt
 
 
@@ -118,7 +130,7 @@ def infer_unet_config(net_state_dict: dict) -> dict:
     keys = list(sd)
     enc_res = _resolutions(keys, "enc")
     if not enc_res or f"enc.{enc_res[0]}x{enc_res[0]}_conv.weight" not in sd:
-        raise ValueError("not a SongUNet state dict: no enc.<R>x<R>_conv.weight key (pass one network's "
+        raise UserValueError("not a SongUNet state dict: no enc.<R>x<R>_conv.weight key (pass one network's "
                          "weights, e.g. {k[4:]: v for k, v in model.items() if k.startswith('net.')})")
     res = enc_res[0]
     conv_in = sd[f"enc.{res}x{res}_conv.weight"]
@@ -184,11 +196,15 @@ def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None =
     prefix = ema + "."
     state = {k[len(prefix):]: v for k, v in _model_state(ckpt).items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"no network {ema!r} in {where}; available: {available_networks(ckpt)}")
+        raise UserValueError(f"no network {ema!r} in {where}; available: {available_networks(ckpt)}")
     config = ckpt.get("model_config") or model_config or infer_unet_config(state)
+    try:
+        inspect.signature(SongUNet).bind(**config)
+    except TypeError as e:
+        raise UserValueError(f"model config {config} does not fit SongUNet ({e}); fix --model_config") from e
     net = SongUNet(**config)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"weights of {ema!r} in {where} do not fit SongUNet({config}): {e}") from e
+        raise UserFileError(f"weights of {ema!r} in {where} do not fit SongUNet({config}): {e}") from e
     return net.to(device).eval()

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.errors import UserValueError
+
 DIGITS_TRAIN = 1500  # of 1797 scikit-learn digits; the other 297 are held out
 
 
@@ -40,9 +42,9 @@ DATASETS = {
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The facts of dataset `name`; ValueError naming the choices for an unknown one."""
+    """The facts of dataset `name`; UserValueError (a ValueError) naming the choices for an unknown one."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise UserValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
@@ -72,7 +74,7 @@ def _cifar10(root: Path, train: bool, download: bool) -> torch.Tensor:
 
 
 def _mnist(root: Path, train: bool, download: bool) -> torch.Tensor:
-    """MNIST as the release trains on it: PIL bilinear resize 28 -> 32, grey copied to 3 channels."""
+    """MNIST as the release trains on it: PIL bilinear resize 28 -> 32, grey copied to 3 channels (DATASETS)."""
     from PIL import Image
     from torchvision.datasets import MNIST
     download = download or (root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists()
@@ -81,8 +83,10 @@ def _mnist(root: Path, train: bool, download: bool) -> torch.Tensor:
     except Exception as e:
         files = "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)"
         raise _not_found("MNIST", root, files, download, e) from e
-    resized = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.Resampling.BILINEAR)) for im in data])
-    return torch.from_numpy(resized)[:, None].expand(-1, 3, -1, -1).contiguous()
+    channels, height, width = DATASETS["mnist"].img_shape
+    resized = np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR))
+                        for im in data])
+    return torch.from_numpy(resized)[:, None].expand(-1, channels, -1, -1).contiguous()
 
 
 def _digits_split(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,17 +111,16 @@ def load_dataset(name: str, data_path: str | Path = "./data", train: bool = True
                  download: bool = True) -> torch.Tensor:
     """All images of a dataset split as one uint8 tensor [N,C,H,W] in 0..255 (convert batches with to_float).
 
-    cifar10: [50000|10000, 3, 32, 32]; mnist: [60000|10000, 3, 32, 32]; digits: [1500|297, 1, 8, 8].
+    [C, H, W] is dataset_info(name).img_shape; N is its train_size for the training split.
     Raises FileNotFoundError naming the files to provide when a dataset is missing and cannot be downloaded.
     """
+    dataset_info(name)  # an unknown name fails here, naming the choices
     root = Path(data_path)
     if name == "cifar10":
         return _cifar10(root, train, download)
     if name == "mnist":
         return _mnist(root, train, download)
-    if name == "digits":
-        return _digits_split(train)[0]
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _digits_split(train)[0]
 
 
 def fold_seed(seed: int, *keys: int | str) -> int:
@@ -139,8 +142,6 @@ def make_generator(seed: int, *keys: int | str, device: str | torch.device = "cp
     gen = torch.Generator(device=device)
     gen.manual_seed(fold_seed(seed, *keys))
     return gen
-
-
 
 
 def steps_per_epoch(num_items: int, global_batch: int) -> int:

@@ -16,8 +16,9 @@ import warnings
 import numpy as np
 import torch
 
-from utils.data import load_dataset, load_digits_labels
-from utils.fid import frechet_distance, to_uint8
+from utils.data import dataset_info, load_dataset, load_digits_labels
+from utils.fid import frechet_distance
+from utils.sampling import to_uint8
 
 
 def _pixels(images: torch.Tensor) -> np.ndarray:
@@ -61,7 +62,7 @@ class DigitsQuality:
             warnings.simplefilter("ignore")
             fd = frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), *self.ref)
         probs = self.classifier.predict_proba(pixels)
-        hist = np.bincount(probs.argmax(axis=1), minlength=10) / len(probs)
+        hist = np.bincount(probs.argmax(axis=1), minlength=dataset_info("digits").num_classes) / len(probs)
         entropy = -(hist[hist > 0] * np.log(hist[hist > 0])).sum()
         return dict(fd=float(fd), confidence=float(probs.max(axis=1).mean()), classes=float(np.exp(entropy)),
                     count=len(images))

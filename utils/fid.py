@@ -1,40 +1,27 @@
-"""Frechet Inception Distance: Inception features, reference-statistics cache, Frechet distance.
+"""Frechet Inception Distance: feature statistics, the reference-statistics cache, Frechet distance.
 
 Protocol (EDM's): generated images are quantised to uint8 by rounding, fed to the Inception-v3
-network of the TF FID code (torch-fidelity's port of it, 2048-d pool features), and
-their mean and covariance are compared with those of the training set.
+network of the TF FID code (utils/inception.py, 2048-d pool features), and their mean and
+covariance are compared with those of the training set.
 
-A feature extractor is any callable ``uint8 [B, 3, H, W] -> [B, D]``; an optional ``key``
-attribute names it in the file name of cached reference statistics.
+``env`` below is the process environment (a utils.distributed.DistEnv, every rank calls the
+function) or None for a single process.
 """
 
-import hashlib
 import os
 import re
-import tempfile
-from typing import Callable, Iterator
+import zipfile
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.distributed
 
-import meanflow
-from utils.data import fold_seed, load_dataset
-
-WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
-WEIGHTS_ENV = "MEANFLOW_INCEPTION_WEIGHTS"
-
-Extractor = Callable[[torch.Tensor], torch.Tensor]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (float, [B, C, H, W]) -> uint8 [B, C, H, W].
-
-    Adding 128 rather than 127.5 before the truncating cast rounds to the nearest level (EDM).
-    """
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+from utils.checkpoint import atomic_write
+from utils.data import load_dataset
+from utils.errors import UserFileError
+from utils.inception import Extractor, extractor_key
+from utils.sampling import generate, shard, to_uint8
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
@@ -64,101 +51,6 @@ def _numpy(x):
     return x.detach().cpu().numpy() if torch.is_tensor(x) else x
 
 
-# ---------------------------------------------------------------- Inception weights and features
-
-
-def _download(url: str, dst: str) -> None:
-    """Fetch ``url`` to ``dst`` (torch.hub writes a temporary file and renames it)."""
-    torch.hub.download_url_to_file(url, dst, progress=True)
-
-
-def _missing_weights_message(reason: str) -> str:
-    return (
-        f"{reason}. FID needs the Inception-v3 weights file {WEIGHTS_FILE} (torch-fidelity's "
-        f"'inception-v3-compat'). Download it from {WEIGHTS_URL} on a machine with network access, then "
-        f"pass --inception_weights /path/to/{WEIGHTS_FILE} (evaluate.py), set {WEIGHTS_ENV}=/path/to/{WEIGHTS_FILE}, "
-        f"or copy it to {default_weights_path()}"
-    )
-
-
-def default_weights_path() -> str:
-    """Where torch.hub (and torch-fidelity) keep the weights: $TORCH_HOME/hub/checkpoints/."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
-
-
-def resolve_inception_weights(weights_path: str | None = None, *, download: bool = True) -> str:
-    """Path of a local copy of the Inception weights.
-
-    Order: ``weights_path``, then $MEANFLOW_INCEPTION_WEIGHTS, then the torch.hub cache; only when
-    none gives a file (and ``download``) is the file fetched, into the torch.hub cache.
-    """
-    explicit = weights_path or os.environ.get(WEIGHTS_ENV)
-    if explicit:
-        if not os.path.isfile(explicit):
-            raise FileNotFoundError(_missing_weights_message(f"Inception weights not found at {explicit}"))
-        return explicit
-    cached = default_weights_path()
-    if os.path.isfile(cached):
-        return cached
-    if not download:
-        raise FileNotFoundError(_missing_weights_message(f"Inception weights not found at {cached}"))
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    try:
-        _download(WEIGHTS_URL, cached)
-    except Exception as err:  # network errors come in many types (URLError, OSError, HTTPError, ...)
-        raise RuntimeError(_missing_weights_message(f"could not download the Inception weights ({err})")) from err
-    return cached
-
-
-def file_digest(path: str, length: int = 8) -> str:
-    """First ``length`` hex digits of the file's SHA-256 (torch.hub's naming convention)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()[:length]
-
-
-class InceptionFeatures:
-    """2048-d pool features of the FID Inception-v3 (torch-fidelity 'inception-v3-compat').
-
-    ``key`` ("inception-v3-compat-<sha256 prefix of the weights>") identifies the extractor in the
-    names of cached reference statistics.
-    """
-
-    def __init__(self, weights_path: str | None = None, device: str | torch.device = "cpu", *, download: bool = True):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        path = resolve_inception_weights(weights_path, download=download)
-        self.key = f"inception-v3-compat-{file_digest(path)}"
-        self.device = torch.device(device)
-        try:
-            model = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048"], feature_extractor_weights_path=path
-            )
-        except Exception as err:  # unpickling and state-dict mismatches raise several types
-            raise RuntimeError(
-                f"could not load Inception weights from {path} ({err}); the file must be torch-fidelity's "
-                f"{WEIGHTS_FILE} (download it from {WEIGHTS_URL})"
-            ) from err
-        self.model = model.to(self.device)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] (any H, W: resized to 299 inside) -> float32 [B, 2048]."""
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        return self.model(images.to(self.device))[0]
-
-
-def extractor_key(extractor: Extractor) -> str:
-    """Name of a feature extractor for cache keys: its ``key`` attribute, else its qualified name."""
-    key = getattr(extractor, "key", None)
-    if key is None:
-        key = getattr(extractor, "__qualname__", type(extractor).__qualname__)
-    return str(key)
-
-
 # ---------------------------------------------------------------- statistics
 
 
@@ -186,14 +78,14 @@ class FeatureStats:
         self.sum += f.sum(0)
         self.outer += f.T @ f
 
-    def all_reduce(self, dist=None) -> None:
-        """Sum over the ranks of ``dist`` (a DistEnv; no-op for None or one process).
+    def all_reduce(self, env=None) -> None:
+        """Sum over the ranks of ``env`` (a DistEnv; no-op for None or one process).
 
         Every rank must call this. A rank that saw no samples contributes zeros.
         """
-        if dist is None or dist.world_size <= 1:
+        if env is None or env.world_size <= 1:
             return
-        device = dist.device
+        device = env.device
         dim = torch.tensor([0 if self.sum is None else self.sum.numel()], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(dim, op=torch.distributed.ReduceOp.MAX)
         d = int(dim.item())
@@ -214,34 +106,29 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def shard(num_items: int, dist=None) -> torch.Tensor:
-    """Indices 0..num_items-1 of this rank's contiguous share (concatenated in rank order = all)."""
-    indices = torch.arange(num_items)
-    if dist is None or dist.world_size <= 1:
-        return indices
-    return indices.tensor_split(dist.world_size)[dist.rank]
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
-def _is_rank0(dist) -> bool:
-    return dist is None or dist.rank == 0
+# ---------------------------------------------------------------- agreement between ranks
 
 
-def _all_ranks(flag: bool, dist=None) -> bool:
-    """True when ``flag`` holds on every rank of ``dist``."""
-    if dist is None or dist.world_size <= 1:
+def _is_rank0(env) -> bool:
+    return env is None or env.rank == 0
+
+
+def _all_ranks(flag: bool, env=None) -> bool:
+    """True when ``flag`` holds on every rank of ``env``."""
+    if env is None or env.world_size <= 1:
         return flag
-    t = torch.tensor([int(flag)], device=dist.device)
+    t = torch.tensor([int(flag)], device=env.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
 
-def _on_every_rank(fn, dist=None):
+def _on_every_rank(fn, env=None):
     """Run ``fn`` and agree across ranks that it succeeded; if it raised on any rank, every rank
     raises, so none is left waiting in a collective (the failing rank re-raises its own error)."""
     error = None
@@ -249,10 +136,10 @@ def _on_every_rank(fn, dist=None):
         result = fn()
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
         error, result = e, None
-    if not _all_ranks(error is None, dist):
+    if not _all_ranks(error is None, env):
         if error is not None:
             raise error
-        raise RuntimeError("another process failed while loading FID data (see its error above)")
+        raise UserFileError("another process failed while loading FID data (see its error above)")
     return result
 
 
@@ -272,29 +159,13 @@ def reference_path(dataset: str, *, split: str = "train", extractor: Extractor, 
     return os.path.join(cache_dir, reference_key(dataset, split, extractor) + ".npz")
 
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *, key: str | None = None, count: int | None = None) -> None:
-    """Write mu, sigma (EDM's .npz layout) plus our key and count, atomically (temp file + rename)."""
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, *, key: str | None = None,
+               count: int | None = None) -> None:
+    """Write mu, sigma (EDM's .npz layout) plus our key and count, atomically."""
     extra = {} if key is None else {"key": np.array(key)}
     if count is not None:
         extra["count"] = np.array(count, dtype=np.int64)
-    savez_atomic(path, mu=mu, sigma=sigma, **extra)
-
-
-def savez_atomic(path: str, **arrays: np.ndarray) -> None:
-    """np.savez to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra), what="statistics file")
 
 
 def load_stats(path: str, *, key: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -305,9 +176,17 @@ def load_stats(path: str, *, key: str | None = None) -> tuple[np.ndarray, np.nda
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference statistics {path} not found; compute them with `python evaluate.py ref`")
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:  # not NumPy's format, or a damaged file
+        raise UserFileError(f"{path} is not a statistics file ({type(e).__name__}: {e}); give an .npz with "
+                            f"arrays 'mu' and 'sigma', e.g. one written by `python evaluate.py ref --out`") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):  # a single-array .npy file
+        raise UserFileError(f"{path} holds one array, not a statistics file; give an .npz with arrays 'mu' and 'sigma'")
+    with f:
         if "mu" not in f or "sigma" not in f:
-            raise RuntimeError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', has {list(f.keys())}")
+            raise UserFileError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma', "
+                                f"has {list(f.keys())}")
         if key is not None and "key" in f and str(f["key"]) != key:
             return None
         return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
@@ -317,7 +196,7 @@ def dataset_stats(
     images: torch.Tensor,
     *,
     extractor: Extractor,
-    dist=None,
+    env=None,
     batch_size: int = 250,
     progress: bool = True,
     desc: str = "reference",
@@ -327,13 +206,13 @@ def dataset_stats(
     Each rank reads its share of the rows; the sums are combined over ranks.
     """
     stats = FeatureStats()
-    indices = shard(images.shape[0], dist)
-    with _progress(images.shape[0], desc, progress and _is_rank0(dist)) as bar:
+    indices = shard(images.shape[0], env)
+    with _progress(images.shape[0], desc, progress and _is_rank0(env)) as bar:
         for batch in indices.split(batch_size):
             x = images[batch]
             stats.add_images(x if x.dtype == torch.uint8 else to_uint8(x), extractor)
-            bar.update(len(batch) * (1 if dist is None else dist.world_size))
-    stats.all_reduce(dist)
+            bar.update(len(batch) * (1 if env is None else env.world_size))
+    stats.all_reduce(env)
     return stats.mean_cov()
 
 
@@ -344,7 +223,7 @@ def reference_stats(
     split: str = "train",
     extractor: Extractor,
     cache_dir: str | None = None,
-    dist=None,
+    env=None,
     batch_size: int = 250,
     download: bool = True,
     progress: bool = True,
@@ -359,66 +238,26 @@ def reference_stats(
         raise ValueError(f"split={split!r} must be 'train' or 'test'")
     key = reference_key(dataset, split, extractor)
     path = reference_path(dataset, split=split, extractor=extractor, cache_dir=cache_dir, data_path=data_path)
-    cached = _on_every_rank(lambda: load_stats(path, key=key) if os.path.isfile(path) else None, dist)
+    cached = _on_every_rank(lambda: load_stats(path, key=key) if os.path.isfile(path) else None, env)
     # Every rank must take the same branch, or the collectives below would wait forever.
-    if _all_ranks(cached is not None, dist):
+    if _all_ranks(cached is not None, env):
         return cached
     # Rank 0 loads first (it may download), then the others read what it fetched. Each stage is
     # agreed on by all ranks, so a failure on one raises everywhere instead of stranding the rest.
     def load(download_now: bool):
         return load_dataset(dataset, data_path=data_path, train=split == "train", download=download_now)
 
-    images = _on_every_rank(lambda: load(download) if _is_rank0(dist) else None, dist)
-    images = _on_every_rank(lambda: images if _is_rank0(dist) else load(False), dist)
+    images = _on_every_rank(lambda: load(download) if _is_rank0(env) else None, env)
+    images = _on_every_rank(lambda: images if _is_rank0(env) else load(False), env)
     mu, sigma = dataset_stats(
-        images, extractor=extractor, dist=dist, batch_size=batch_size, progress=progress, desc=f"{dataset} {split}"
+        images, extractor=extractor, env=env, batch_size=batch_size, progress=progress, desc=f"{dataset} {split}"
     )
-    if _is_rank0(dist):
+    if _is_rank0(env):
         save_stats(path, mu, sigma, key=key, count=images.shape[0])
     return mu, sigma
 
 
-# ---------------------------------------------------------------- generated samples
-
-
-def sample_noise(
-    seed: int, indices: torch.Tensor, shape: tuple[int, ...], device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """Noise [len(indices), *shape]; row k depends only on (seed, indices[k]).
-
-    Drawn on the CPU from one generator per sample, so it is the same on every device, batch
-    size and number of processes.
-    """
-    rows = []
-    for i in torch.as_tensor(indices).reshape(-1).tolist():
-        g = torch.Generator().manual_seed(fold_seed(seed, int(i)))
-        rows.append(torch.randn(tuple(shape), generator=g))
-    if not rows:
-        return torch.empty((0, *shape), device=device)
-    return torch.stack(rows).to(device)
-
-
-@torch.no_grad()
-def generate(
-    net,
-    indices: torch.Tensor,
-    *,
-    seed: int,
-    img_shape: tuple[int, int, int],
-    steps: int = 1,
-    batch_size: int = 250,
-    device: str | torch.device = "cpu",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (batch indices [b], uint8 images [b, C, H, W]) of the samples ``indices``.
-
-    Sample i is ``meanflow.sample(net, sample_noise(seed, [i]), steps)`` quantised by ``to_uint8``.
-    ``net`` should be in eval mode.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    for batch in torch.as_tensor(indices).split(batch_size):
-        noise = sample_noise(seed, batch, img_shape, device)
-        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps))
+# ---------------------------------------------------------------- FID of a network
 
 
 def fid_of_network(
@@ -432,12 +271,12 @@ def fid_of_network(
     steps: int = 1,
     extractor: Extractor,
     device: str | torch.device = "cpu",
-    dist=None,
+    env=None,
     progress: bool = True,
 ) -> float:
     """FID of ``num_samples`` samples of ``net`` (``steps``-step MeanFlow sampler) against ``ref``.
 
-    With ``dist`` (a DistEnv, every rank calls this) the samples are split over the ranks;
+    With ``env`` (a DistEnv, every rank calls this) the samples are split over the ranks;
     ``batch_size`` is per rank. Noise is seeded per sample, so the value does not depend on
     batch size or world size (up to floating-point differences between kernels). The network
     is put in eval mode for the call.
@@ -448,11 +287,11 @@ def fid_of_network(
     if was_training:
         net.eval()
     stats = FeatureStats()
-    world = 1 if dist is None else dist.world_size
+    world = 1 if env is None else env.world_size
     try:
-        with _progress(num_samples, f"FID {steps}-step", progress and _is_rank0(dist)) as bar:
+        with _progress(num_samples, f"FID {steps}-step", progress and _is_rank0(env)) as bar:
             batches = generate(
-                net, shard(num_samples, dist), seed=seed, img_shape=img_shape, steps=steps,
+                net, shard(num_samples, env), seed=seed, img_shape=img_shape, steps=steps,
                 batch_size=batch_size, device=device,
             )
             for batch, images in batches:
@@ -461,6 +300,6 @@ def fid_of_network(
     finally:
         if was_training:
             net.train()
-    stats.all_reduce(dist)
+    stats.all_reduce(env)
     mu, sigma = stats.mean_cov()
     return frechet_distance(mu, sigma, *ref)

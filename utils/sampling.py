@@ -1,0 +1,71 @@
+"""Generated samples, indexed: sample i comes from noise seeded by (seed, i) alone, quantised to uint8.
+
+So a set of samples does not depend on batch size or number of processes (up to the floating-point
+differences of kernels chosen per batch size), and any rank can draw any share of it.
+"""
+
+from typing import Iterator
+
+import torch
+
+import meanflow
+from utils.data import fold_seed
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (float, [B, C, H, W]) -> uint8 [B, C, H, W].
+
+    Adding 128 rather than 127.5 before the truncating cast rounds to the nearest level (EDM).
+    """
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def shard(num_items: int, env=None) -> torch.Tensor:
+    """Indices 0..num_items-1 of this rank's contiguous share (concatenated in rank order = all).
+
+    env: the process environment (a utils.distributed.DistEnv); None or one process takes all.
+    """
+    indices = torch.arange(num_items)
+    if env is None or env.world_size <= 1:
+        return indices
+    return indices.tensor_split(env.world_size)[env.rank]
+
+
+def sample_noise(
+    seed: int, indices: torch.Tensor, shape: tuple[int, ...], device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Noise [len(indices), *shape]; row k depends only on (seed, indices[k]).
+
+    Drawn on the CPU from one generator per sample, so it is the same on every device, batch
+    size and number of processes.
+    """
+    rows = []
+    for i in torch.as_tensor(indices).reshape(-1).tolist():
+        g = torch.Generator().manual_seed(fold_seed(seed, int(i)))
+        rows.append(torch.randn(tuple(shape), generator=g))
+    if not rows:
+        return torch.empty((0, *shape), device=device)
+    return torch.stack(rows).to(device)
+
+
+@torch.no_grad()
+def generate(
+    net,
+    indices: torch.Tensor,
+    *,
+    seed: int,
+    img_shape: tuple[int, int, int],
+    steps: int = 1,
+    batch_size: int = 250,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (batch indices [b], uint8 images [b, C, H, W]) of the samples ``indices``.
+
+    Sample i is ``meanflow.sample(net, sample_noise(seed, [i]), steps)`` quantised by ``to_uint8``.
+    ``net`` should be in eval mode.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    for batch in torch.as_tensor(indices).split(batch_size):
+        noise = sample_noise(seed, batch, img_shape, device)
+        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps))
