@@ -41,8 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import meanflow
 import train
 from models.unet import SongUNet
-from training.services import (PRECISIONS, USER_ERRORS, UserError, apply_precision, memory_gib, precision_settings,
-                               quiet_jit_deprecation, run_cli)
+from training.services import PRECISIONS, apply_precision, memory_gib, precision_settings, quiet_jit_deprecation
+from utils.errors import USER_ERRORS, UserValueError, exit_on_user_error
 from training.step import Trainer, draw_batch, loss_and_backward, train_step
 from utils import data as data_utils
 from utils import release
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     try:
         cfg = train.resolve_config(flags)
     except ValueError as e:  # a value out of range for training, e.g. --batch_size
-        raise UserError(str(e)) from e
+        raise UserValueError(str(e)) from e
     env = init_distributed(cfg["device"])
     device = env.device
     apply_precision(args.precision)
@@ -361,4 +361,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    with exit_on_user_error():
+        sys.exit(main())

@@ -24,8 +24,9 @@ from models.unet import CIFAR10_CONFIG
 from training.evaluation import Evaluator
 from training.loop import training_loop
 from training.resume import find_start, load_state
-from training.services import (PRECISIONS, Log, UserError, apply_precision, check_output_dir, load_training_images,
-                               quiet_jit_deprecation, run_cli)
+from training.services import (PRECISIONS, Log, apply_precision, check_output_dir, load_training_images,
+                               quiet_jit_deprecation)
+from utils.errors import UserValueError, exit_on_user_error
 from training.step import Trainer, build_trainer
 from utils import data as data_utils
 from utils.distributed import DistEnv, check_consistency, cleanup, init_distributed
@@ -271,7 +272,7 @@ def make_trainer(cfg: dict, env: DistEnv, images: torch.Tensor | None = None, **
 
 def main(argv: list[str] | None = None) -> int:
     """Train (or evaluate) as the command line says; returns the exit code. A bad flag exits through
-    argparse; other user errors raise (training.services.USER_ERRORS), and run_cli prints them."""
+    argparse; other user errors raise (utils.errors), and exit_on_user_error prints them."""
     parser = build_parser()
     try:
         cfg = resolve_config(argv)
@@ -303,7 +304,7 @@ def run(cfg: dict, env: DistEnv) -> int:
     # Build the trainer and continue from the last checkpoint or --resume.
     ckpt, source = find_start(out=out, resume=cfg["resume"], eval_only=cfg["eval_only"])
     if cfg["eval_only"] and ckpt is None:
-        raise UserError("--eval_only needs a checkpoint: pass --resume PATH or an --output_dir "
+        raise UserValueError("--eval_only needs a checkpoint: pass --resume PATH or an --output_dir "
                         "that holds checkpoint-last.pth")
     trainer = make_trainer(cfg, env)
     step = 0
@@ -357,4 +358,5 @@ def run(cfg: dict, env: DistEnv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    with exit_on_user_error():
+        sys.exit(main())

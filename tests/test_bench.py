@@ -8,6 +8,7 @@ import torch
 
 import bench
 from models.unet import SongUNet
+from utils.errors import exit_on_user_error
 
 
 def test_cpu_smoke_run_reports_every_figure(tmp_path):
@@ -98,14 +99,13 @@ def test_user_error_prints_one_line_and_exits_non_zero():
 
 
 def test_programming_error_keeps_its_traceback(monkeypatch):
-    from training.services import run_cli
-
     def broken(device):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(bench, "init_distributed", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
-        run_cli(lambda: bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"]))
+        with exit_on_user_error():
+            bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1"])
 
 
 def test_cifar10_forward_flops_equal_the_published_count():

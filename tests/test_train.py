@@ -19,7 +19,8 @@ import torch
 from conftest import free_port
 import train
 from training.resume import CHECKPOINT_FORMAT, LAST
-from training.services import precision_settings, quiet_jit_deprecation, run_cli
+from training.services import precision_settings, quiet_jit_deprecation
+from utils.errors import exit_on_user_error
 from training.step import check_gradients, check_weights, lr_at, train_step
 from utils import checkpoint as ckpt_io
 
@@ -305,14 +306,18 @@ def test_user_error_prints_one_line_and_exits_non_zero(tmp_path):
 def test_damaged_checkpoint_is_a_user_error(straight, tmp_path, capsys):
     data = (straight / LAST).read_bytes()
     (tmp_path / LAST).write_bytes(data[: len(data) // 2])
-    assert run_cli(lambda: train.main([*TINY, "--output_dir", str(tmp_path)])) == 1
+    with pytest.raises(SystemExit) as stop, exit_on_user_error():
+        train.main([*TINY, "--output_dir", str(tmp_path)])
+    assert stop.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: checkpoint ") and "is truncated" in err[0]
 
 
 def test_checkpoint_of_another_network_is_a_user_error(straight, tmp_path, capsys):
     argv = [*TINY, "--model_channels", "8", "--resume", str(straight / LAST), "--output_dir", str(tmp_path)]
-    assert run_cli(lambda: train.main(argv)) == 1
+    with pytest.raises(SystemExit) as stop, exit_on_user_error():
+        train.main(argv)
+    assert stop.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit this run's network" in err[0] and "size mismatch for net." in err[0]
     assert "more)" in err[0] and "pass the network flags" in err[0]

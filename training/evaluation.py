@@ -6,7 +6,7 @@ import torch
 
 import meanflow
 from models.ema import EMAModel
-from training.services import Log, UserError
+from training.services import Log
 from utils import data as data_utils
 from utils.distributed import DistEnv
 
@@ -82,19 +82,17 @@ class Evaluator:
 
     def _fid(self, name: str, net, step: int) -> float:
         from utils import fid
+        from utils.inception import InceptionFeatures
         env = self.env if self.env.world_size > 1 else None
         if self.fid_setup is None:
-            try:
-                extractor = fid.InceptionFeatures(device=self.env.device)
-            except RuntimeError as e:  # the weights could not be downloaded or read; the message says what to do
-                raise UserError(str(e)) from e
+            extractor = InceptionFeatures(device=self.env.device)
             ref = fid.reference_stats(self.dataset, data_path=self.data_path, split="train",
-                                      extractor=extractor, dist=env, progress=self.main)
+                                      extractor=extractor, env=env, progress=self.main)
             self.fid_setup = extractor, ref
         extractor, ref = self.fid_setup
         value = fid.fid_of_network(net, ref=ref, num_samples=self.fid_samples, batch_size=self.batch_size,
                                    img_shape=self.img_shape, seed=self.seed, steps=1, extractor=extractor,
-                                   device=self.env.device, dist=env, progress=self.main)
+                                   device=self.env.device, env=env, progress=self.main)
         self.log(f"FID of {name} at step {step} (1 step, {self.fid_samples} samples): {value:.3f}")
         if self.writer is not None:
             self.writer.add_scalar(f"fid/{name}", value, step)

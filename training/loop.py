@@ -12,10 +12,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training.resume import LAST, checkpoint_state
-from training.services import Log, StopRequest, UserError, memory_gib
+from training.services import Log, StopRequest, memory_gib
 from training.step import Trainer, check_weights, lr_at, train_step
 from utils import checkpoint as ckpt_io
 from utils.distributed import barrier
+from utils.errors import UserRunError
 
 
 def training_loop(*, trainer: Trainer, start_step: int, total_steps: int, evaluate: Callable[[int], dict],
@@ -116,7 +117,7 @@ def finite_loss_sum(trainer: Trainer, loss_sum: torch.Tensor, *, first: int, las
     if not math.isfinite(total) or not torch.isfinite(weights):
         kept = f"{out / LAST} (step {saved_step}) is left untouched" if saved_step is not None \
             else "no checkpoint was written"
-        raise UserError(f"loss became non-finite ({total}) between steps {first} and {last}; stopping "
+        raise UserRunError(f"loss became non-finite ({total}) between steps {first} and {last}; stopping "
                         f"without saving: {kept}. Lower --lr or check the data.")
     return total
 

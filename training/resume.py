@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from training.services import UserError
+from utils.errors import UserFileError
 from training.step import WARMUP_START, Trainer
 from utils import checkpoint as ckpt_io
 
@@ -53,7 +53,7 @@ def _load(path: str | Path, advice: str = "") -> dict:
     try:
         return ckpt_io.load_checkpoint(path)
     except RuntimeError as e:  # damaged or not a checkpoint; a missing file stays a FileNotFoundError
-        raise UserError(f"{e}{advice}") from e
+        raise UserFileError(f"{e}{advice}") from e
 
 
 def load_state(trainer: Trainer, ckpt: dict, source: str) -> tuple[int, list[str]]:
@@ -69,7 +69,7 @@ def load_state(trainer: Trainer, ckpt: dict, source: str) -> tuple[int, list[str
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         first = lines[1] if len(lines) > 1 else str(e)
         more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
-        raise UserError(f"{source} does not fit this run's network {trainer.model_config} with EMA copies "
+        raise UserFileError(f"{source} does not fit this run's network {trainer.model_config} with EMA copies "
                         f"{trainer.model.ema_names()}: {first}{more}; pass the network flags of the run that "
                         f"wrote it") from e
     if "optimizer" in ckpt:

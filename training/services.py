@@ -1,4 +1,4 @@
-"""What a run needs around the training step: user errors, the log, stop requests, the output
+"""What a run needs around the training step: the log, stop requests, the output
 folder, the training images, memory figures and precision settings."""
 
 import contextlib
@@ -8,7 +8,6 @@ import signal
 import socket
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,29 +16,9 @@ from tqdm import tqdm
 
 from utils import data as data_utils
 from utils.distributed import DistEnv, barrier
+from utils.errors import UserFileError
 
 PRECISIONS = ("tf32", "fp32", "bf16")
-
-
-class UserError(RuntimeError):
-    """A mistake the user can fix (an unwritable folder, an unreadable or mismatching checkpoint, a bad
-    setting); its message says what to do. A RuntimeError, so callers that caught those still do."""
-
-
-# What the command line reports as one `error:` line: our UserError, and the FileNotFoundError that
-# utils.data (missing dataset), utils.checkpoint (missing checkpoint) and utils.fid (missing Inception
-# weights) raise with a message naming the file to provide.
-USER_ERRORS = (UserError, FileNotFoundError)
-
-
-def run_cli(main: Callable[[], int]) -> int:
-    """main()'s exit code; a user error prints one `error: ...` line on stderr and gives 1.
-    Any other exception propagates with its traceback."""
-    try:
-        return main()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
 
 
 class Log:
@@ -99,7 +78,7 @@ def check_output_dir(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to --output_dir {out} ({type(e).__name__}: {e}); "
+        raise UserFileError(f"cannot write to --output_dir {out} ({type(e).__name__}: {e}); "
                         f"choose a writable folder") from e
 
 

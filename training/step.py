@@ -21,9 +21,9 @@ import meanflow
 from models.augment import AugmentPipe
 from models.ema import EMAModel
 from models.unet import SongUNet
-from training.services import UserError
 from utils import data as data_utils
 from utils.distributed import DistEnv, GradSync, check_consistency
+from utils.errors import UserValueError
 
 WARMUP_START = 1e-8  # the release's LinearLR starts at lr = 1e-8 (start_factor = 1e-8 / lr)
 
@@ -76,7 +76,7 @@ def build_trainer(*, images: torch.Tensor, env: DistEnv, model_config: dict, met
     """
     global_batch = batch_size * env.world_size
     if global_batch > len(images):
-        raise UserError(f"global batch {global_batch} (--batch_size {batch_size} x {env.world_size} "
+        raise UserValueError(f"global batch {global_batch} (--batch_size {batch_size} x {env.world_size} "
                         f"processes) is larger than the {len(images)} training images: lower --batch_size")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(data_utils.fold_seed(seed, "init"))

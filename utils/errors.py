@@ -3,7 +3,8 @@
 A user error is
     UserError      raised by our code where the user's input is at fault: UserValueError (a flag
                    value, network or dataset name, model config) or UserFileError (a file that is
-                   damaged, of the wrong kind, cannot be written or cannot be fetched);
+                   damaged, of the wrong kind, cannot be written or cannot be fetched) or UserRunError
+                   (a run that cannot go on, such as a diverged loss);
     OSError        the operating system refused: a missing, unreadable or unwritable file, a full
                    disk, a failed download (FileNotFoundError, PermissionError, ...).
 Everything else is a programming error and keeps its traceback. The two subclasses also derive
@@ -24,6 +25,10 @@ class UserValueError(UserError, ValueError):
 
 class UserFileError(UserError, RuntimeError):
     """A file the user named (or the run needs) is damaged, of the wrong kind, unwritable or unobtainable."""
+
+
+class UserRunError(UserError, RuntimeError):
+    """A run cannot go on for a reason the user can act on, such as a loss that became non-finite."""
 
 
 # What exit_on_user_error reports in one line.
