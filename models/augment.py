@@ -155,14 +155,18 @@ class AugmentPipe:
         total = n if total is None else int(total)
         self._check_rows(n, offset, total)
         if self.p == 0 or (self.xflip == self.scale == self.aniso == self.translate_frac == 0):
-            return images, torch.zeros([n, NUM_LABELS], dtype=torch.float32, device=images.device)
+            return images.contiguous(), torch.zeros([n, NUM_LABELS], dtype=torch.float32, device=images.device)
         if generator is None:
             raise ValueError("AugmentPipe draws its randomness only from an explicit torch.Generator; pass generator=")
         return self.apply(images, self.sample_params(total, generator), offset=offset)
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor], *,
               offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augments images [B, C, H, W] with given draws (see `sample_params`, each [total]) for rows offset:offset+B."""
+        """Augments images [B, C, H, W] with given draws (see `sample_params`, each [total]) for rows offset:offset+B.
+
+        The images come back contiguous whether or not they were resampled: a compiled training
+        step guards on its input's strides and would recompile the first time they change.
+        """
         n = self._check_images(images)
         total = params["scale_w"].shape[0]
         self._check_rows(n, offset, total)
@@ -176,9 +180,10 @@ class AugmentPipe:
         # result for a row does not depend on how the batch is split.
         moves = (params["scale_w"] != 0) | (params["aniso_w"] != 0) | (params["tx_w"] != 0) | (params["ty_w"] != 0)
         if not bool(moves.any()):
-            return images, labels
+            return images.contiguous(), labels
         pad = self._margin(g_inv, h, w)
-        return self._resample(images, g_inv[offset:offset + n], pad), labels
+        images = self._resample(images, g_inv[offset:offset + n], pad)
+        return images.contiguous(), labels
 
     @staticmethod
     def _check_images(images: torch.Tensor) -> int:
