@@ -18,6 +18,7 @@ batch is moved (only flips), the resampling is skipped and the input comes back 
 EDM's filters would return it to within about 1e-5.
 """
 
+import contextlib
 import math
 
 import torch
@@ -58,6 +59,23 @@ def _translate(tx, ty, like):
 def _const(rows, device) -> torch.Tensor:
     """A single float32 3x3 matrix [3, 3]."""
     return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark_off():
+    """cuDNN benchmark mode off inside, the caller's setting restored after.
+
+    The reflect padding depends on the batch's draws, so the filters see a new shape on most
+    steps; benchmark mode would autotune each new shape synchronously. (Current torch runs fp32
+    depthwise convolutions with its own kernel, but cuDNN takes them for channels_last, fp16
+    or very large inputs.) Only this flag changes: `cudnn.flags()` would reset the others too.
+    """
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 class AugmentPipe:
@@ -182,7 +200,8 @@ class AugmentPipe:
         if not bool(moves.any()):
             return images.contiguous(), labels
         pad = self._margin(g_inv, h, w)
-        images = self._resample(images, g_inv[offset:offset + n], pad)
+        with _cudnn_benchmark_off():
+            images = self._resample(images, g_inv[offset:offset + n], pad)
         return images.contiguous(), labels
 
     @staticmethod

@@ -191,3 +191,26 @@ def test_output_is_contiguous_on_every_branch(pipe, memory_format):
     assert out.is_contiguous() and out.stride() == images(n=8).stride()
     assert labels.is_contiguous()
 
+
+def test_filters_run_without_cudnn_benchmark(monkeypatch):
+    """The padded shape changes with the draws: no autotuning inside, the caller's setting after."""
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+
+    def record(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", record)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    AugmentPipe(p=1)(images(n=4), gen(14))
+    assert seen == [False] * 4
+    assert torch.backends.cudnn.benchmark is True
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("conv failed")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", fail)
+    with pytest.raises(RuntimeError, match="conv failed"):
+        AugmentPipe(p=1)(images(n=4), gen(14))
+    assert torch.backends.cudnn.benchmark is True
