@@ -1,13 +1,15 @@
 """utils/distributed.py: two CPU processes over gloo, started like torchrun would start them."""
 import os
+import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import utils.distributed
 from conftest import free_port
-from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup, first_slurm_host,
-                               init_distributed, is_main, parse_slurm_env)
+from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup,
+                               first_slurm_host, gloo_ifname_from_nccl, init_distributed, is_main, parse_slurm_env,)
 
 WORLD = 2
 
@@ -20,7 +22,8 @@ def _launch(scenario, world: int = WORLD) -> None:
 def _entry(rank: int, world: int, port: int, scenario) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_SOCKET_IFNAME="lo")
+    os.environ.pop("GLOO_SOCKET_IFNAME", None)  # derived from NCCL's: gloo then runs over loopback
     env = init_distributed(device="cpu", timeout_s=60)
     try:
         scenario(env)
@@ -44,6 +47,8 @@ def _params(rank: int) -> dict[str, torch.nn.Parameter]:
 def _scenario_env_and_gradsync(env) -> None:
     assert (env.rank, env.world_size, env.local_rank) == (int(os.environ["RANK"]), WORLD, env.rank)
     assert env.device == torch.device("cpu") and env.backend == "gloo"
+    names = [name for _, name in socket.if_nameindex()]
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == ("lo" if "lo" in names else None)
     assert torch.distributed.get_world_size() == WORLD
     assert is_main() == (env.rank == 0)
     assert all_reduce_mean(torch.tensor([float(env.rank)])).item() == 0.5
@@ -120,3 +125,52 @@ def test_parse_slurm_env():
                                              ("a01,b02", "a01"), ("n[10,2]", "n10")])
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
+
+
+HOST_INTERFACES = ["lo", "eth0", "eth1", "ib0", "docker0"]
+
+
+@pytest.mark.parametrize("nccl, gloo", [
+    ("eth", "eth0"),                # a prefix: its first interface
+    ("ib,eth", "ib0"),              # entries in order
+    ("enp,eth1", "eth1"),           # an entry matching nothing is skipped
+    ("=eth1", "eth1"),              # exact names
+    ("=eth", None),                 # ... match no prefix
+    ("=eth9, eth1", "eth1"),
+    (" ib0 ", "ib0"),
+    ("^docker,lo", None),           # exclusions name no interface to use
+    ("^=docker0", None),
+    ("wlan", None),
+    ("", None),
+])
+def test_gloo_ifname_from_nccl(nccl, gloo):
+    assert gloo_ifname_from_nccl(nccl, HOST_INTERFACES) == gloo
+
+
+@pytest.fixture
+def fake_cuda_job(monkeypatch):
+    """A torchrun environment on 8 GPUs without CUDA or a process group: returns the recorded calls."""
+    calls = {}
+    monkeypatch.setattr(os, "environ", dict(RANK="3", WORLD_SIZE="16", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8",
+                                             MASTER_ADDR="10.0.0.1", MASTER_PORT="29500"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.update(set_device=index))
+    monkeypatch.setattr(utils.distributed.dist, "init_process_group", lambda **kw: calls.update(group=kw))
+    monkeypatch.setattr(socket, "if_nameindex", lambda: list(enumerate(HOST_INTERFACES, start=1)))
+    return calls
+
+
+def test_init_distributed_on_cuda(fake_cuda_job):
+    os.environ["NCCL_SOCKET_IFNAME"] = "=ib0"
+    env = init_distributed("cuda")
+    assert env.device == torch.device("cuda", 3) and fake_cuda_job["set_device"] == 3
+    assert env.backend == "nccl" and fake_cuda_job["group"]["backend"] == "nccl"
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0"  # for the gloo groups created later
+
+
+def test_init_distributed_keeps_a_given_gloo_ifname(fake_cuda_job):
+    os.environ.update(NCCL_SOCKET_IFNAME="ib", GLOO_SOCKET_IFNAME="eth1")
+    init_distributed("cuda")
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth1"
+

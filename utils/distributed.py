@@ -5,6 +5,7 @@ so the training loop is written once.
 """
 import os
 import re
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -76,6 +77,35 @@ def parse_slurm_env(environ: Mapping[str, str],
                 master_port=master_port)
 
 
+def gloo_ifname_from_nccl(nccl_ifname: str, interfaces: Iterable[str]) -> str | None:
+    """The network interface for gloo that NCCL_SOCKET_IFNAME selects, or None.
+
+    NCCL's syntax: comma-separated name prefixes ("eth,ib"), exact names after "=" ("=eth0,eth1"),
+    or interfaces to exclude after "^" / "^=". GLOO_SOCKET_IFNAME takes exact names, and every
+    process must give as many, so this returns one: entries are tried in order, and the first that
+    matches one of this host's `interfaces` gives the first interface it matches. An exclusion list
+    names no interface to use: None, and gloo keeps its default (the host name's address).
+    """
+    value = nccl_ifname.strip()
+    if not value or value.startswith("^"):
+        return None
+    exact = value.startswith("=")
+    names = list(interfaces)
+    for entry in value.removeprefix("=").split(","):
+        entry = entry.strip()
+        for name in names:
+            if entry and (name == entry if exact else name.startswith(entry)):
+                return name
+    return None
+
+
+def _interface_names() -> list[str]:
+    try:
+        return [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return []
+
+
 def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistEnv:
     """Create the process group if the job has several processes; pick this process's device.
 
@@ -83,6 +113,8 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     (SLURM_PROCID, SLURM_NTASKS, ...), or a plain `python train.py` (single process, no group).
     device: "cuda", "cpu" or None (cuda when available). NCCL on CUDA, gloo on CPU.
     timeout_s: how long a collective may wait; long enough for one rank writing a checkpoint.
+    Where only NCCL_SOCKET_IFNAME is set, GLOO_SOCKET_IFNAME is derived from it (see
+    `gloo_ifname_from_nccl`) for every gloo group of the job.
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -112,6 +144,12 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
 
     backend = None
     if world_size > 1:
+        # gloo (on CPU, and for small host-side groups beside NCCL) otherwise takes the address its
+        # host name resolves to, which on some clusters is a loopback or unroutable one: a hang at start.
+        if not env.get("GLOO_SOCKET_IFNAME") and env.get("NCCL_SOCKET_IFNAME"):
+            name = gloo_ifname_from_nccl(env["NCCL_SOCKET_IFNAME"], _interface_names())
+            if name is not None:
+                env["GLOO_SOCKET_IFNAME"] = name
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
