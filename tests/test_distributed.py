@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 import utils.distributed
 from conftest import free_port
-from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup,
+from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup, cuda_index,
                                first_slurm_host, gloo_ifname_from_nccl, init_distributed, is_main, parse_slurm_env,)
 
 WORLD = 2
@@ -147,6 +147,22 @@ def test_gloo_ifname_from_nccl(nccl, gloo):
     assert gloo_ifname_from_nccl(nccl, HOST_INTERFACES) == gloo
 
 
+@pytest.mark.parametrize("local_rank, count, local_world, srun, index", [
+    (3, 8, 8, False, 3), (0, 1, None, False, 0), (5, 1, None, True, 0), (5, 8, None, True, 5)])
+def test_cuda_index(local_rank, count, local_world, srun, index):
+    assert cuda_index(local_rank, count, local_world_size=local_world, srun=srun) == index
+
+
+@pytest.mark.parametrize("local_rank, local_world, srun, words", [
+    (0, 16, False, ["16 processes", "8 visible GPU(s)", "--nproc_per_node", "GPUS_PER_NODE"]),
+    (9, None, False, ["at least 10 processes", "8 visible GPU(s)"]),
+    (9, None, True, ["at least 10 processes", "--ntasks-per-node", "--gpus-per-task=1"])])
+def test_cuda_index_rejects_more_processes_than_gpus(local_rank, local_world, srun, words):
+    with pytest.raises(RuntimeError) as err:
+        cuda_index(local_rank, 8, local_world_size=local_world, srun=srun)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
 @pytest.fixture
 def fake_cuda_job(monkeypatch):
     """A torchrun environment on 8 GPUs without CUDA or a process group: returns the recorded calls."""
@@ -174,3 +190,9 @@ def test_init_distributed_keeps_a_given_gloo_ifname(fake_cuda_job):
     init_distributed("cuda")
     assert os.environ["GLOO_SOCKET_IFNAME"] == "eth1"
 
+
+def test_init_distributed_rejects_more_processes_than_gpus(fake_cuda_job, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(RuntimeError, match=r"8 processes on this node but 4 visible GPU\(s\).*--nproc_per_node"):
+        init_distributed("cuda")
+    assert fake_cuda_job == {}  # failed before touching a GPU or the network

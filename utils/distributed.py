@@ -106,6 +106,27 @@ def _interface_names() -> list[str]:
         return []
 
 
+def cuda_index(local_rank: int, device_count: int, *, local_world_size: int | None = None,
+               srun: bool = False) -> int:
+    """The GPU of this process: its local rank, one GPU per process.
+
+    Raises where the node starts more processes than it has visible GPUs: two processes would
+    share a GPU and NCCL would fail later with "Duplicate GPU detected". Under srun with per-task
+    GPU binding each process sees one GPU (index 0) while its local rank counts up to the tasks
+    per node.
+    """
+    if srun and device_count == 1:
+        return 0
+    count = max(local_world_size or 0, local_rank + 1)
+    if count > device_count:
+        processes = f"{count}" if local_world_size else f"at least {count}"
+        fix = ("srun --ntasks-per-node, or give each task its own GPU with --gpus-per-task=1" if srun
+               else "torchrun --nproc_per_node, i.e. GPUS_PER_NODE for launch.sh")
+        raise RuntimeError(f"{processes} processes on this node but {device_count} visible GPU(s): start at most "
+                           f"{device_count} per node ({fix}) or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+    return local_rank
+
+
 def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistEnv:
     """Create the process group if the job has several processes; pick this process's device.
 
@@ -117,14 +138,17 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     `gloo_ifname_from_nccl`) for every gloo group of the job.
     """
     env = os.environ
+    local_world_size, srun = None, False
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         local_rank = int(env.get("LOCAL_RANK", 0))
+        local_world_size = int(env["LOCAL_WORLD_SIZE"]) if env.get("LOCAL_WORLD_SIZE") else None
         init_method = "env://"
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         info = parse_slurm_env(env)
         rank, world_size, local_rank = info["rank"], info["world_size"], info["local_rank"]
         init_method = f"tcp://{info['master_addr']}:{info['master_port']}"
+        srun = True
     else:
         rank, world_size, local_rank, init_method = 0, 1, 0, None
 
@@ -132,9 +156,7 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but CUDA is not available; pass --device cpu")
-        # Under srun with per-task GPU binding each process sees one GPU while its local rank
-        # counts up to the tasks per node.
-        index = local_rank % torch.cuda.device_count()
+        index = cuda_index(local_rank, torch.cuda.device_count(), local_world_size=local_world_size, srun=srun)
         torch.cuda.set_device(index)
         dev = torch.device("cuda", index)
     elif kind == "cpu":
