@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 import utils.distributed
 from conftest import free_port
 from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup, cuda_index,
-                               first_slurm_host, gloo_ifname_from_nccl, init_distributed, is_main, parse_slurm_env,)
+                               first_slurm_host, gloo_ifname_from_nccl, init_distributed, is_main, parse_slurm_env,
+                               torch_older_than)
 
 WORLD = 2
 
@@ -145,6 +146,13 @@ HOST_INTERFACES = ["lo", "eth0", "eth1", "ib0", "docker0"]
 ])
 def test_gloo_ifname_from_nccl(nccl, gloo):
     assert gloo_ifname_from_nccl(nccl, HOST_INTERFACES) == gloo
+
+
+@pytest.mark.parametrize("version, older", [("2.14.1", False), ("2.8.0", False), ("2.10.0+cu128", False),
+                                            ("2.7.1", True), ("2.7.0+cu126", True), ("2.8.0a0+gitabc123", True),
+                                            ("2.8.0.dev20250601+cu128", True)])
+def test_torch_older_than_compares_versions(version, older):
+    assert torch_older_than("2.8", torch_version=version) is older
 
 
 @pytest.mark.parametrize("local_rank, count, local_world, srun, index", [

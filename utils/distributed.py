@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
+from torch.torch_version import TorchVersion
 
 from utils.data import to_device
 
@@ -210,13 +211,19 @@ def barrier() -> None:
             dist.barrier()
 
 
+def torch_older_than(version: str, torch_version: str | None = None) -> bool:
+    """Whether the installed torch (or `torch_version`) predates `version`, compared as versions:
+    "2.14.1" is newer than "2.8", and pre-releases such as "2.8.0a0+git..." count as older."""
+    return TorchVersion(torch_version or torch.__version__) < version
+
+
 def cleanup() -> None:
     if _active():
-        if dist.get_backend() == "gloo" and torch.__version__ < "2.8":
+        if torch_older_than("2.8"):
             # torch 2.7's gloo process group joins its worker threads in its destructor while holding
             # the GIL. A worker still letting go of a finished collective's tensors needs the GIL for
             # that, and both wait forever (fixed in 2.8 by pytorch PR 154976). Sleeping releases the
-            # GIL so that such workers finish first.
+            # GIL so that such workers finish first. Any gloo group counts, also one beside NCCL.
             time.sleep(0.2)
         dist.destroy_process_group()
 
