@@ -18,6 +18,7 @@ batch is moved (only flips), the resampling is skipped and the input comes back 
 EDM's filters would return it to within about 1e-5.
 """
 
+import contextlib
 import math
 
 import torch
@@ -58,6 +59,23 @@ def _translate(tx, ty, like):
 def _const(rows, device) -> torch.Tensor:
     """A single float32 3x3 matrix [3, 3]."""
     return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark_off():
+    """cuDNN benchmark mode off inside, the caller's setting restored after.
+
+    The reflect padding depends on the batch's draws, so the filters see a new shape on most
+    steps; benchmark mode would autotune each new shape synchronously. (Current torch runs fp32
+    depthwise convolutions with its own kernel, but cuDNN takes them for channels_last, fp16
+    or very large inputs.) Only this flag changes: `cudnn.flags()` would reset the others too.
+    """
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 class AugmentPipe:
@@ -155,14 +173,18 @@ class AugmentPipe:
         total = n if total is None else int(total)
         self._check_rows(n, offset, total)
         if self.p == 0 or (self.xflip == self.scale == self.aniso == self.translate_frac == 0):
-            return images, torch.zeros([n, NUM_LABELS], dtype=torch.float32, device=images.device)
+            return images.contiguous(), torch.zeros([n, NUM_LABELS], dtype=torch.float32, device=images.device)
         if generator is None:
             raise ValueError("AugmentPipe draws its randomness only from an explicit torch.Generator; pass generator=")
         return self.apply(images, self.sample_params(total, generator), offset=offset)
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor], *,
               offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augments images [B, C, H, W] with given draws (see `sample_params`, each [total]) for rows offset:offset+B."""
+        """Augments images [B, C, H, W] with given draws (see `sample_params`, each [total]) for rows offset:offset+B.
+
+        The images come back contiguous whether or not they were resampled: a compiled training
+        step guards on its input's strides and would recompile the first time they change.
+        """
         n = self._check_images(images)
         total = params["scale_w"].shape[0]
         self._check_rows(n, offset, total)
@@ -176,9 +198,11 @@ class AugmentPipe:
         # result for a row does not depend on how the batch is split.
         moves = (params["scale_w"] != 0) | (params["aniso_w"] != 0) | (params["tx_w"] != 0) | (params["ty_w"] != 0)
         if not bool(moves.any()):
-            return images, labels
+            return images.contiguous(), labels
         pad = self._margin(g_inv, h, w)
-        return self._resample(images, g_inv[offset:offset + n], pad), labels
+        with _cudnn_benchmark_off():
+            images = self._resample(images, g_inv[offset:offset + n], pad)
+        return images.contiguous(), labels
 
     @staticmethod
     def _check_images(images: torch.Tensor) -> int:

@@ -179,3 +179,38 @@ def test_validation():
         AugmentPipe()(images(n=4), gen(0), offset=6, total=8)
     with pytest.raises(ValueError, match="generator"):
         AugmentPipe()(images(n=4))
+
+
+@pytest.mark.parametrize("pipe", [AugmentPipe(p=0), AugmentPipe(p=1, scale=0, aniso=0, translate_frac=0),
+                                  AugmentPipe(p=1)], ids=["p0", "flips_only", "resampled"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_output_is_contiguous_on_every_branch(pipe, memory_format):
+    """A compiled training step guards on its input's strides: all branches give the same ones."""
+    x = images(n=8).to(memory_format=memory_format)
+    out, labels = pipe(x, gen(13))
+    assert out.is_contiguous() and out.stride() == images(n=8).stride()
+    assert labels.is_contiguous()
+
+
+def test_filters_run_without_cudnn_benchmark(monkeypatch):
+    """The padded shape changes with the draws: no autotuning inside, the caller's setting after."""
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+
+    def record(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", record)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    AugmentPipe(p=1)(images(n=4), gen(14))
+    assert seen == [False] * 4
+    assert torch.backends.cudnn.benchmark is True
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("conv failed")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", fail)
+    with pytest.raises(RuntimeError, match="conv failed"):
+        AugmentPipe(p=1)(images(n=4), gen(14))
+    assert torch.backends.cudnn.benchmark is True

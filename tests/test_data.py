@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.data import (batch_indices, fold_seed, load_dataset, load_digits_labels, make_generator, random_hflip,
-                        steps_per_epoch, to_float)
+                        steps_per_epoch, to_device, to_float)
 
 
 def test_fold_seed_is_a_fixed_hash():
@@ -129,3 +129,34 @@ def test_mnist_matches_release_transform(tmp_path):
                        ToDtype(torch.float32, scale=True)])
     expected = torch.stack([release(Image.fromarray(d.astype(np.uint8), mode="L")) for d in digits])
     assert torch.equal(ours, (expected * 255).round().to(torch.uint8))
+
+
+def test_to_device_pins_a_contiguous_source(monkeypatch):
+    """Pinned memory keeps a view's strides, and copying a non-contiguous pinned tensor stages it
+    through pageable memory (a blocking copy). Pinning needs a CUDA driver: record it instead."""
+    pinned = []
+
+    class Pinned:
+        def __init__(self, src):
+            self.src = src
+
+        def to(self, device, non_blocking=False):
+            return self.src, torch.device(device), non_blocking
+
+    def record(self):
+        pinned.append(self)
+        return Pinned(self)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", record)
+    theta = torch.arange(36.0).view(4, 3, 3)[:, :2, :]  # the augmentation's affine matrices
+    assert not theta.is_contiguous()
+    src, device, non_blocking = to_device(theta, "cuda")
+    assert src.is_contiguous() and torch.equal(src, theta)
+    assert device == torch.device("cuda") and non_blocking
+    assert to_device(theta, "cpu") is theta and len(pinned) == 1  # no pinning for a host target
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_copies_views_to_cuda():
+    theta = torch.arange(36.0).view(4, 3, 3)[:, :2, :]
+    assert torch.equal(to_device(theta, "cuda").cpu(), theta)

@@ -1,13 +1,16 @@
 """utils/distributed.py: two CPU processes over gloo, started like torchrun would start them."""
 import os
+import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import utils.distributed
 from conftest import free_port
-from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup, first_slurm_host,
-                               init_distributed, is_main, parse_slurm_env)
+from utils.distributed import (GradSync, _fingerprint, all_reduce_mean, check_consistency, cleanup, cuda_index,
+                               first_slurm_host, gloo_ifname_from_nccl, init_distributed, is_main, parse_slurm_env,
+                               torch_older_than)
 
 WORLD = 2
 
@@ -20,7 +23,8 @@ def _launch(scenario, world: int = WORLD) -> None:
 def _entry(rank: int, world: int, port: int, scenario) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NCCL_SOCKET_IFNAME="lo")
+    os.environ.pop("GLOO_SOCKET_IFNAME", None)  # derived from NCCL's: gloo then runs over loopback
     env = init_distributed(device="cpu", timeout_s=60)
     try:
         scenario(env)
@@ -44,6 +48,8 @@ def _params(rank: int) -> dict[str, torch.nn.Parameter]:
 def _scenario_env_and_gradsync(env) -> None:
     assert (env.rank, env.world_size, env.local_rank) == (int(os.environ["RANK"]), WORLD, env.rank)
     assert env.device == torch.device("cpu") and env.backend == "gloo"
+    names = [name for _, name in socket.if_nameindex()]
+    assert os.environ.get("GLOO_SOCKET_IFNAME") == ("lo" if "lo" in names else None)
     assert torch.distributed.get_world_size() == WORLD
     assert is_main() == (env.rank == 0)
     assert all_reduce_mean(torch.tensor([float(env.rank)])).item() == 0.5
@@ -120,3 +126,81 @@ def test_parse_slurm_env():
                                              ("a01,b02", "a01"), ("n[10,2]", "n10")])
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
+
+
+HOST_INTERFACES = ["lo", "eth0", "eth1", "ib0", "docker0"]
+
+
+@pytest.mark.parametrize("nccl, gloo", [
+    ("eth", "eth0"),                # a prefix: its first interface
+    ("ib,eth", "ib0"),              # entries in order
+    ("enp,eth1", "eth1"),           # an entry matching nothing is skipped
+    ("=eth1", "eth1"),              # exact names
+    ("=eth", None),                 # ... match no prefix
+    ("=eth9, eth1", "eth1"),
+    (" ib0 ", "ib0"),
+    ("^docker,lo", None),           # exclusions name no interface to use
+    ("^=docker0", None),
+    ("wlan", None),
+    ("", None),
+])
+def test_gloo_ifname_from_nccl(nccl, gloo):
+    assert gloo_ifname_from_nccl(nccl, HOST_INTERFACES) == gloo
+
+
+@pytest.mark.parametrize("version, older", [("2.14.1", False), ("2.8.0", False), ("2.10.0+cu128", False),
+                                            ("2.7.1", True), ("2.7.0+cu126", True), ("2.8.0a0+gitabc123", True),
+                                            ("2.8.0.dev20250601+cu128", True)])
+def test_torch_older_than_compares_versions(version, older):
+    assert torch_older_than("2.8", torch_version=version) is older
+
+
+@pytest.mark.parametrize("local_rank, count, local_world, srun, index", [
+    (3, 8, 8, False, 3), (0, 1, None, False, 0), (5, 1, None, True, 0), (5, 8, None, True, 5)])
+def test_cuda_index(local_rank, count, local_world, srun, index):
+    assert cuda_index(local_rank, count, local_world_size=local_world, srun=srun) == index
+
+
+@pytest.mark.parametrize("local_rank, local_world, srun, words", [
+    (0, 16, False, ["16 processes", "8 visible GPU(s)", "--nproc_per_node", "GPUS_PER_NODE"]),
+    (9, None, False, ["at least 10 processes", "8 visible GPU(s)"]),
+    (9, None, True, ["at least 10 processes", "--ntasks-per-node", "--gpus-per-task=1"])])
+def test_cuda_index_rejects_more_processes_than_gpus(local_rank, local_world, srun, words):
+    with pytest.raises(RuntimeError) as err:
+        cuda_index(local_rank, 8, local_world_size=local_world, srun=srun)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.fixture
+def fake_cuda_job(monkeypatch):
+    """A torchrun environment on 8 GPUs without CUDA or a process group: returns the recorded calls."""
+    calls = {}
+    monkeypatch.setattr(os, "environ", dict(RANK="3", WORLD_SIZE="16", LOCAL_RANK="3", LOCAL_WORLD_SIZE="8",
+                                             MASTER_ADDR="10.0.0.1", MASTER_PORT="29500"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.update(set_device=index))
+    monkeypatch.setattr(utils.distributed.dist, "init_process_group", lambda **kw: calls.update(group=kw))
+    monkeypatch.setattr(socket, "if_nameindex", lambda: list(enumerate(HOST_INTERFACES, start=1)))
+    return calls
+
+
+def test_init_distributed_on_cuda(fake_cuda_job):
+    os.environ["NCCL_SOCKET_IFNAME"] = "=ib0"
+    env = init_distributed("cuda")
+    assert env.device == torch.device("cuda", 3) and fake_cuda_job["set_device"] == 3
+    assert env.backend == "nccl" and fake_cuda_job["group"]["backend"] == "nccl"
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0"  # for the gloo groups created later
+
+
+def test_init_distributed_keeps_a_given_gloo_ifname(fake_cuda_job):
+    os.environ.update(NCCL_SOCKET_IFNAME="ib", GLOO_SOCKET_IFNAME="eth1")
+    init_distributed("cuda")
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth1"
+
+
+def test_init_distributed_rejects_more_processes_than_gpus(fake_cuda_job, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(RuntimeError, match=r"8 processes on this node but 4 visible GPU\(s\).*--nproc_per_node"):
+        init_distributed("cuda")
+    assert fake_cuda_job == {}  # failed before touching a GPU or the network

@@ -179,7 +179,9 @@ def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or x.device.type != "cpu":
         return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
+    # Pinned memory keeps a view's strides, and the copy kernel turns a non-contiguous source
+    # into a contiguous temporary in pageable memory, which makes the copy block the host again.
+    return x.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def random_hflip(images: torch.Tensor, generator: torch.Generator, offset: int = 0,

@@ -5,6 +5,7 @@ so the training loop is written once.
 """
 import os
 import re
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
+from torch.torch_version import TorchVersion
 
 from utils.data import to_device
 
@@ -76,6 +78,56 @@ def parse_slurm_env(environ: Mapping[str, str],
                 master_port=master_port)
 
 
+def gloo_ifname_from_nccl(nccl_ifname: str, interfaces: Iterable[str]) -> str | None:
+    """The network interface for gloo that NCCL_SOCKET_IFNAME selects, or None.
+
+    NCCL's syntax: comma-separated name prefixes ("eth,ib"), exact names after "=" ("=eth0,eth1"),
+    or interfaces to exclude after "^" / "^=". GLOO_SOCKET_IFNAME takes exact names, and every
+    process must give as many, so this returns one: entries are tried in order, and the first that
+    matches one of this host's `interfaces` gives the first interface it matches. An exclusion list
+    names no interface to use: None, and gloo keeps its default (the host name's address).
+    """
+    value = nccl_ifname.strip()
+    if not value or value.startswith("^"):
+        return None
+    exact = value.startswith("=")
+    names = list(interfaces)
+    for entry in value.removeprefix("=").split(","):
+        entry = entry.strip()
+        for name in names:
+            if entry and (name == entry if exact else name.startswith(entry)):
+                return name
+    return None
+
+
+def _interface_names() -> list[str]:
+    try:
+        return [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return []
+
+
+def cuda_index(local_rank: int, device_count: int, *, local_world_size: int | None = None,
+               srun: bool = False) -> int:
+    """The GPU of this process: its local rank, one GPU per process.
+
+    Raises where the node starts more processes than it has visible GPUs: two processes would
+    share a GPU and NCCL would fail later with "Duplicate GPU detected". Under srun with per-task
+    GPU binding each process sees one GPU (index 0) while its local rank counts up to the tasks
+    per node.
+    """
+    if srun and device_count == 1:
+        return 0
+    count = max(local_world_size or 0, local_rank + 1)
+    if count > device_count:
+        processes = f"{count}" if local_world_size else f"at least {count}"
+        fix = ("srun --ntasks-per-node, or give each task its own GPU with --gpus-per-task=1" if srun
+               else "torchrun --nproc_per_node, i.e. GPUS_PER_NODE for launch.sh")
+        raise RuntimeError(f"{processes} processes on this node but {device_count} visible GPU(s): start at most "
+                           f"{device_count} per node ({fix}) or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+    return local_rank
+
+
 def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) -> DistEnv:
     """Create the process group if the job has several processes; pick this process's device.
 
@@ -83,16 +135,21 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     (SLURM_PROCID, SLURM_NTASKS, ...), or a plain `python train.py` (single process, no group).
     device: "cuda", "cpu" or None (cuda when available). NCCL on CUDA, gloo on CPU.
     timeout_s: how long a collective may wait; long enough for one rank writing a checkpoint.
+    Where only NCCL_SOCKET_IFNAME is set, GLOO_SOCKET_IFNAME is derived from it (see
+    `gloo_ifname_from_nccl`) for every gloo group of the job.
     """
     env = os.environ
+    local_world_size, srun = None, False
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         local_rank = int(env.get("LOCAL_RANK", 0))
+        local_world_size = int(env["LOCAL_WORLD_SIZE"]) if env.get("LOCAL_WORLD_SIZE") else None
         init_method = "env://"
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         info = parse_slurm_env(env)
         rank, world_size, local_rank = info["rank"], info["world_size"], info["local_rank"]
         init_method = f"tcp://{info['master_addr']}:{info['master_port']}"
+        srun = True
     else:
         rank, world_size, local_rank, init_method = 0, 1, 0, None
 
@@ -100,9 +157,7 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' requested but CUDA is not available; pass --device cpu")
-        # Under srun with per-task GPU binding each process sees one GPU while its local rank
-        # counts up to the tasks per node.
-        index = local_rank % torch.cuda.device_count()
+        index = cuda_index(local_rank, torch.cuda.device_count(), local_world_size=local_world_size, srun=srun)
         torch.cuda.set_device(index)
         dev = torch.device("cuda", index)
     elif kind == "cpu":
@@ -112,6 +167,12 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
 
     backend = None
     if world_size > 1:
+        # gloo (on CPU, and for small host-side groups beside NCCL) otherwise takes the address its
+        # host name resolves to, which on some clusters is a loopback or unroutable one: a hang at start.
+        if not env.get("GLOO_SOCKET_IFNAME") and env.get("NCCL_SOCKET_IFNAME"):
+            name = gloo_ifname_from_nccl(env["NCCL_SOCKET_IFNAME"], _interface_names())
+            if name is not None:
+                env["GLOO_SOCKET_IFNAME"] = name
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
@@ -150,13 +211,19 @@ def barrier() -> None:
             dist.barrier()
 
 
+def torch_older_than(version: str, torch_version: str | None = None) -> bool:
+    """Whether the installed torch (or `torch_version`) predates `version`, compared as versions:
+    "2.14.1" is newer than "2.8", and pre-releases such as "2.8.0a0+git..." count as older."""
+    return TorchVersion(torch_version or torch.__version__) < version
+
+
 def cleanup() -> None:
     if _active():
-        if dist.get_backend() == "gloo" and torch.__version__ < "2.8":
+        if torch_older_than("2.8"):
             # torch 2.7's gloo process group joins its worker threads in its destructor while holding
             # the GIL. A worker still letting go of a finished collective's tensors needs the GIL for
             # that, and both wait forever (fixed in 2.8 by pytorch PR 154976). Sleeping releases the
-            # GIL so that such workers finish first.
+            # GIL so that such workers finish first. Any gloo group counts, also one beside NCCL.
             time.sleep(0.2)
         dist.destroy_process_group()
 
