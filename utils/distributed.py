@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.torch_version import TorchVersion
 
 from utils.data import to_device
+from utils.errors import UserRunError
 
 
 @dataclass
@@ -71,7 +72,7 @@ def parse_slurm_env(environ: Mapping[str, str],
         nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST")
                     or environ.get("SLURM_JOB_NODELIST"))
         if not nodelist:
-            raise RuntimeError("SLURM run without SLURM_NODELIST or MASTER_ADDR: set MASTER_ADDR to the first node")
+            raise UserRunError("SLURM run without SLURM_NODELIST or MASTER_ADDR: set MASTER_ADDR to the first node")
         master_addr = resolve_host(nodelist)
     master_port = int(environ.get("MASTER_PORT") or 20000 + int(environ.get("SLURM_JOB_ID", 9500)) % 20000)
     return dict(rank=rank, world_size=world_size, local_rank=local_rank, master_addr=master_addr,
@@ -123,7 +124,7 @@ def cuda_index(local_rank: int, device_count: int, *, local_world_size: int | No
         processes = f"{count}" if local_world_size else f"at least {count}"
         fix = ("srun --ntasks-per-node, or give each task its own GPU with --gpus-per-task=1" if srun
                else "torchrun --nproc_per_node, i.e. GPUS_PER_NODE for launch.sh")
-        raise RuntimeError(f"{processes} processes on this node but {device_count} visible GPU(s): start at most "
+        raise UserRunError(f"{processes} processes on this node but {device_count} visible GPU(s): start at most "
                            f"{device_count} per node ({fix}) or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
     return local_rank
 
@@ -156,7 +157,7 @@ def init_distributed(device: str | None = None, *, timeout_s: float = 1800.0) ->
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available; pass --device cpu")
+            raise UserRunError("device 'cuda' requested but CUDA is not available; pass --device cpu")
         index = cuda_index(local_rank, torch.cuda.device_count(), local_world_size=local_world_size, srun=srun)
         torch.cuda.set_device(index)
         dev = torch.device("cuda", index)

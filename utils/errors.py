@@ -28,7 +28,8 @@ class UserFileError(UserError, RuntimeError):
 
 
 class UserRunError(UserError, RuntimeError):
-    """A run cannot go on for a reason the user can act on, such as a loss that became non-finite."""
+    """A run cannot go on for a reason the user can act on: a loss that became non-finite, a launch
+    that does not fit the machine (more processes than GPUs, CUDA missing)."""
 
 
 # What exit_on_user_error reports in one line.
