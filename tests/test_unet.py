@@ -501,6 +501,13 @@ def test_wrong_input_shape(shape: tuple):
         net(torch.zeros(shape), torch.ones(2), torch.ones(2))
 
 
+def test_tangent_shape_must_match_x():
+    net = SongUNet(**TINY)
+    ones = torch.ones(2)
+    with pytest.raises(ValueError, match=r"x_t must have the shape of x, \[2, 2, 8, 8\]"):
+        forward_and_tangent(net, torch.zeros(2, 2, 8, 8), ones, ones, torch.zeros(2, 2, 8, 4), ones, ones)
+
+
 def test_wrong_time_and_label_shapes():
     net = SongUNet(**TINY)
     z = torch.zeros(2, 2, 8, 8)
