@@ -10,6 +10,9 @@ The network is any callable ``net(z, t, h, aug_cond=None) -> u`` with ``t``, ``h
 
 import torch
 
+from models.unet import SongUNet
+from models.unet_tangent import forward_and_tangent
+
 TR_SAMPLERS = ("v0", "v1")
 JVP_MODES = ("joint", "split", "network")
 AUTOCAST_DTYPES = (None, torch.bfloat16)
@@ -56,8 +59,8 @@ def u_and_dudt(
         identical masks; both modes then give the same loss and gradients. This path always
         runs eagerly, also inside a compiled function. Layers that update state in forward
         (batch-norm statistics) would update twice.
-    jvp_mode "network": the network's own ``forward_and_tangent(z, h=t - r, x_t=v, t_t=1, h_t=1)``
-        (``SongUNet`` has one). It propagates only the input tangent, skipping the products with
+    jvp_mode "network": ``models.unet_tangent.forward_and_tangent(net, z, t, t - r, v, 1, 1)``,
+        for a ``SongUNet``. It propagates only the input tangent, skipping the products with
         the weights' (zero) tangent that forward AD of every convolution computes anyway; dudt
         comes without a graph, so gradients flow through u only (the loss detaches its target).
     """
@@ -68,14 +71,12 @@ def u_and_dudt(
         return net(z_, t_, t_ - r_, aug_cond=aug_cond)
 
     if jvp_mode == "network":
-        forward_and_tangent = getattr(net, "forward_and_tangent", None)
-        if not callable(forward_and_tangent):
-            raise ValueError(f"jvp_mode 'network' needs a network method forward_and_tangent(x, t, h, x_t, t_t, h_t, "
-                             f"aug_cond=None), but the network ({type(net).__name__}) lacks forward_and_tangent: "
-                             f"use 'joint' or 'split'")
+        if not isinstance(net, SongUNet):
+            raise ValueError(f"jvp_mode 'network' walks the layers of a SongUNet, but the network is a "
+                             f"{type(net).__name__}: use 'joint' or 'split'")
         # Tangents (v, 1, 0) of (z, t, r) give h = t - r the tangent 1.
         ones = torch.ones_like(t)
-        return forward_and_tangent(z, t, t - r, v, ones, ones, aug_cond=aug_cond)
+        return forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug_cond)
 
     primals = (z, t, r)
     tangents = (v, torch.ones_like(t), torch.zeros_like(r))

@@ -21,10 +21,8 @@ back-propagates through that JVP. Two deliberate choices follow from this:
   81 / 58 ms, SDPA 70 / 60 ms and SDPA forced to its math backend 70 / 57 ms: no real
   difference, so we take the version that cannot select a kernel without forward AD on any device.
 
-`SongUNet.forward_and_tangent` returns u together with its directional derivative written out by
-hand (MeanFlow's `jvp_mode="network"`): forward AD of a convolution also convolves the input with
-the weights' tangent, which is all zeros here, and that product alone costs about a fifth of a
-training step. Each layer below shares its primal code between `forward` and that path.
+MeanFlow's `jvp_mode="network"` computes u and its tangent with hand-written rules instead
+(models/unet_tangent.py), walking these same modules; nothing here knows about it.
 """
 
 import math
@@ -50,46 +48,6 @@ CIFAR10_CONFIG = {
 }
 
 _INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
-
-
-# ---------------------------------------------------------------- tangent helpers
-# The hand-written tangent path pairs every activation x with its tangent x_t. Tangents are built
-# under torch.no_grad(): MeanFlow's target detaches du/dt, so only the primal needs a graph. On the
-# primal-only path (plain `forward`) every tangent is None and these helpers add no work.
-
-def _tangent(fn, *tangents):
-    """fn(*tangents) without autograd, or None when the tangents are absent (None)."""
-    if any(x_t is None for x_t in tangents):
-        return None
-    with torch.no_grad():
-        return fn(*tangents)
-
-
-def _layer(module: nn.Module, x: torch.Tensor, x_t: torch.Tensor | None):
-    """(module(x), its tangent) for a layer that is affine in its input (Linear, Conv2d)."""
-    return module(x), _tangent(module.tangent, x_t)
-
-
-def _silu(x: torch.Tensor, x_t: torch.Tensor | None):
-    """SiLU and its tangent: silu'(x) = sig(x) (1 + x (1 - sig(x)))."""
-    def tangent(x_t):
-        sig = torch.sigmoid(x)
-        return x_t * (sig * (1 + x * (1 - sig)))
-    return F.silu(x), _tangent(tangent, x_t)
-
-
-def _dropout(x: torch.Tensor, x_t: torch.Tensor | None, p: float, training: bool):
-    """Dropout with one mask for the primal and its tangent.
-
-    On the tangent path the mask is F.dropout of ones: it draws from the RNG exactly as
-    F.dropout(x) would, and x * mask equals F.dropout(x).
-    """
-    if x_t is None:
-        return F.dropout(x, p=p, training=training), None
-    if not training or p == 0:
-        return x, x_t
-    mask = F.dropout(torch.ones_like(x), p=p, training=training)
-    return x * mask, _tangent(lambda a: a * mask, x_t)
 
 
 def init_tensor(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -126,9 +84,39 @@ class Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
-    def tangent(self, x_t: torch.Tensor) -> torch.Tensor:
-        """Directional derivative along an input tangent x_t (the weights carry none): W x_t."""
-        return F.linear(x_t, self.weight.to(x_t.dtype))
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+           resample_filter: torch.Tensor | None = None, *, up: bool = False, down: bool = False,
+           fused_resample: bool = False) -> torch.Tensor:
+    """EDM's convolution with optional 2x FIR resampling: x [B, Cin, H, W] -> [B, Cout, H', W'].
+
+    weight [Cout, Cin, k, k] (None: resample only, Cout = Cin), bias [Cout] or None,
+    resample_filter [1, 1, f, f] (used when up or down). `fused_resample` runs the
+    down-sampling filter after the convolution (the up-sampling one before it) with merged padding.
+    """
+    w = None if weight is None else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    w_pad = 0 if w is None else w.shape[-1] // 2
+    f_pad = 0 if resample_filter is None else (resample_filter.shape[-1] - 1) // 2
+
+    def resample(y, padding):
+        # Depthwise FIR filter with stride 2; up-sampling multiplies by 4 to keep the mean.
+        f = resample_filter.to(y.dtype)
+        channels = y.shape[1]
+        if up:
+            return F.conv_transpose2d(y, (4 * f).tile(channels, 1, 1, 1), groups=channels, stride=2, padding=padding)
+        return F.conv2d(y, f.tile(channels, 1, 1, 1), groups=channels, stride=2, padding=padding)
+
+    if w is not None and fused_resample and up:
+        return F.conv2d(resample(x, max(f_pad - w_pad, 0)), w, b, padding=max(w_pad - f_pad, 0))
+    if w is not None and fused_resample and down:
+        x = resample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
+        return x if b is None else x + b.view(1, -1, 1, 1)
+    if up or down:
+        x = resample(x, f_pad)
+    if w is not None:
+        x = F.conv2d(x, w, b, padding=w_pad)
+    return x
 
 
 class Conv2d(nn.Module):
@@ -136,8 +124,7 @@ class Conv2d(nn.Module):
 
     kernel=0 gives a pure resampling layer (no weights, Cout = Cin). The separable filter
     outer(f, f) / sum(f)^2 is a persistent buffer `resample_filter` [1, 1, k, k], present
-    only when resampling, as in EDM's checkpoints. With `fused_resample` the down-sampling
-    filter runs after the convolution (and the up-sampling one before it) with merged padding.
+    only when resampling, as in EDM's checkpoints. See `conv2d` for `fused_resample`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, *, bias: bool = True,
@@ -166,41 +153,9 @@ class Conv2d(nn.Module):
             filt = (torch.outer(f, f) / f.sum().square())[None, None]
         self.register_buffer("resample_filter", filt)
 
-    def _resample(self, x: torch.Tensor, channels: int, padding: int) -> torch.Tensor:
-        # Depthwise FIR filter with stride 2; up-sampling multiplies by 4 to keep the mean.
-        f = self.resample_filter.to(x.dtype)
-        if self.up:
-            return F.conv_transpose2d(x, (4 * f).tile(channels, 1, 1, 1), groups=channels, stride=2, padding=padding)
-        return F.conv2d(x, f.tile(channels, 1, 1, 1), groups=channels, stride=2, padding=padding)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_to(x, self.bias)
-
-    def tangent(self, x_t: torch.Tensor) -> torch.Tensor:
-        """Directional derivative along an input tangent x_t: the same layer without its bias.
-
-        Forward AD of F.conv2d would add a second convolution of the input with the weights'
-        tangent, all zeros here; this is the convolution of x_t alone.
-        """
-        return self._apply_to(x_t, None)
-
-    def _apply_to(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.to(x.dtype)
-        b = None if bias is None else bias.to(x.dtype)
-        w_pad = 0 if w is None else w.shape[-1] // 2
-        f_pad = 0 if self.resample_filter is None else (self.resample_filter.shape[-1] - 1) // 2
-        if w is not None and self.fused_resample and self.up:
-            x = self._resample(x, self.in_channels, max(f_pad - w_pad, 0))
-            return F.conv2d(x, w, b, padding=max(w_pad - f_pad, 0))
-        if w is not None and self.fused_resample and self.down:
-            x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = self._resample(x, self.out_channels, 0)
-            return x if b is None else x + b.view(1, -1, 1, 1)
-        if self.up or self.down:
-            x = self._resample(x, self.in_channels, f_pad)
-        if w is not None:
-            x = F.conv2d(x, w, b, padding=w_pad)
-        return x
+        return conv2d(x, self.weight, self.bias, self.resample_filter, up=self.up, down=self.down,
+                      fused_resample=self.fused_resample)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor,
@@ -209,11 +164,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
 
     Written out (see the module docstring) so it has a forward-AD rule that compiles.
     """
-    normed, _ = _normalize(x, num_groups, eps)
-    return _scale_shift(normed, weight, bias)
+    normed, _ = standardize_groups(x, num_groups, eps)
+    return channel_affine(normed, weight, bias)
 
 
-def _normalize(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def standardize_groups(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x - mean) / std per group, shaped and typed like x, and 1 / std [B, num_groups, 1].
 
     The statistics are float32 at least: under bf16 autocast the convolutions hand over bf16
@@ -227,23 +182,10 @@ def _normalize(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tens
     return ((groups - mean) * rstd).to(x.dtype).reshape(x.shape), rstd
 
 
-def _scale_shift(normed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    affine_shape = (1, -1) + (1,) * (normed.ndim - 2)
-    return torch.addcmul(bias.view(affine_shape), normed, weight.view(affine_shape))
-
-
-def _group_norm_tangent(x_t: torch.Tensor, normed: torch.Tensor, rstd: torch.Tensor, num_groups: int,
-                        weight: torch.Tensor) -> torch.Tensor:
-    """Tangent of group_norm along x_t, from the primal's normalised x and 1 / std.
-
-    y = g (x - m) / s + b gives y_t = g (x_t - mean(x_t) - xhat mean(xhat x_t)) / s per group.
-    """
-    groups_t = x_t.reshape(x_t.shape[0], num_groups, -1)
-    xhat = normed.reshape(groups_t.shape)
-    normed_t = (groups_t - groups_t.mean(dim=-1, keepdim=True)
-                - xhat * (xhat * groups_t).mean(dim=-1, keepdim=True)) * rstd
-    affine_shape = (1, -1) + (1,) * (x_t.ndim - 2)
-    return (normed_t.reshape(x_t.shape) * weight.view(affine_shape)).to(x_t.dtype)  # rstd is float32 at least
+def channel_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [B, C, ...] * weight + bias, with weight and bias [C] per channel."""
+    affine_shape = (1, -1) + (1,) * (x.ndim - 2)
+    return torch.addcmul(bias.view(affine_shape), x, weight.view(affine_shape))
 
 
 class GroupNorm(nn.Module):
@@ -265,15 +207,6 @@ class GroupNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
-    def forward_and_tangent(self, x: torch.Tensor, x_t: torch.Tensor | None):
-        """(self(x), its tangent along x_t); the tangent is None when x_t is."""
-        if x_t is None:
-            return self(x), None
-        weight = self.weight.to(x.dtype)
-        normed, rstd = _normalize(x, self.num_groups, self.eps)
-        y_t = _tangent(lambda a: _group_norm_tangent(a, normed, rstd, self.num_groups, weight), x_t)
-        return _scale_shift(normed, weight, self.bias.to(x.dtype)), y_t
-
 
 def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention over positions: qkv [B, 3 C, L] -> [B, C, L].
@@ -281,34 +214,25 @@ def self_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     The channel axis holds all queries, then all keys, then all values (each head's
     channels contiguous inside each), the layout the MeanFlow release trained with.
     """
-    return _self_attention(qkv, None, num_heads)[0]
+    q, k, v = attention_heads(qkv, num_heads)
+    weights = attention_probs(q, k).to(v.dtype)
+    return torch.matmul(v, weights.transpose(1, 2)).reshape(qkv.shape[0], -1, qkv.shape[2])
 
 
-def _self_attention(qkv: torch.Tensor, qkv_t: torch.Tensor | None, num_heads: int):
-    """self_attention(qkv) and its tangent along qkv_t (None when qkv_t is None)."""
+def attention_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """qkv [B, 3 C, L] -> q, k, v, each [B * num_heads, C / num_heads, L]."""
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
+    return tuple(part.reshape(batch * num_heads, ch, length) for part in qkv.chunk(3, dim=1))
 
-    def heads(y):
-        return (part.reshape(batch * num_heads, ch, length) for part in y.chunk(3, dim=1))
 
-    q, k, v = heads(qkv)
-    scale = 1 / math.sqrt(ch)
-    logits = torch.matmul(q.transpose(1, 2), k) * scale                      # [B*heads, Lq, Lk]
-    # Softmax in float32 at least, so bf16 inputs keep their attention weights accurate.
-    probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
-    weights = probs.to(v.dtype)
-    out = torch.matmul(v, weights.transpose(1, 2)).reshape(batch, -1, length)
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q^T k / sqrt(ch)) over keys: [B*heads, ch, L] each -> [B*heads, Lq, Lk].
 
-    def tangent(qkv_t):
-        q_t, k_t, v_t = heads(qkv_t)
-        logits_t = (torch.matmul(q_t.transpose(1, 2), k) + torch.matmul(q.transpose(1, 2), k_t)) * scale
-        logits_t = logits_t.to(probs.dtype)
-        probs_t = probs * (logits_t - (probs * logits_t).sum(dim=-1, keepdim=True))
-        out_t = torch.matmul(v_t, weights.transpose(1, 2)) + torch.matmul(v, probs_t.to(v.dtype).transpose(1, 2))
-        return out_t.reshape(batch, -1, length)
-
-    return out, _tangent(tangent, qkv_t)
+    The softmax runs in float32 at least, so bf16 inputs keep their attention weights accurate.
+    """
+    logits = torch.matmul(q.transpose(1, 2), k) * (1 / math.sqrt(q.shape[1]))
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)
 
 
 class UNetBlock(nn.Module):
@@ -353,65 +277,34 @@ class UNetBlock(nn.Module):
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, emb)[0]
-
-    def forward_and_tangent(self, x: torch.Tensor, emb: torch.Tensor, x_t: torch.Tensor,
-                            emb_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(x, emb), its directional derivative along (x_t, emb_t)); see SongUNet.forward_and_tangent."""
-        return self._forward(x, emb, x_t, emb_t)
-
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor, x_t: torch.Tensor | None = None,
-                 emb_t: torch.Tensor | None = None):
-        # Every *_t is None on the plain forward; then only the primal lines do any work.
-        shortcut, shortcut_t = (x, x_t) if self.skip is None else _layer(self.skip, x, x_t)
-        x, x_t = _layer(self.conv0, *_silu(*self.norm0.forward_and_tangent(x, x_t)))
-        params, params_t = _layer(self.affine, emb, emb_t)
-        params = params[:, :, None, None].to(x.dtype)
-        params_t = _tangent(lambda a: a[:, :, None, None].to(x.dtype), params_t)
+        shortcut = x if self.skip is None else self.skip(x)
+        x = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
-            normed, normed_t = self.norm1.forward_and_tangent(x, x_t)
-
-            def modulated_t(n_t, p_t):
-                scale_t, shift_t = p_t.chunk(2, dim=1)
-                return torch.addcmul(shift_t, n_t, scale + 1) + normed * scale_t
-
-            y_t = _tangent(modulated_t, normed_t, params_t)
-            x, x_t = _silu(torch.addcmul(shift, normed, scale + 1), y_t)
+            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x, x_t = _silu(*self.norm1.forward_and_tangent(x + params, _tangent(torch.add, x_t, params_t)))
+            x = F.silu(self.norm1(x + params))
         if self.dropout:
-            x, x_t = _dropout(x, x_t, self.dropout, self.training)
-        out, out_t = _layer(self.conv1, x, x_t)
-        x = (out + shortcut) * self.skip_scale
-        x_t = _tangent(lambda a, b: (a + b) * self.skip_scale, out_t, shortcut_t)
+            x = F.dropout(x, p=self.dropout, training=self.training)
+        x = self.conv1(x)
+        x = (x + shortcut) * self.skip_scale
         if self.num_heads:
-            qkv, qkv_t = _layer(self.qkv, *self.norm2.forward_and_tangent(x, x_t))
-            attn, attn_t = _self_attention(qkv.flatten(2), _tangent(lambda a: a.flatten(2), qkv_t), self.num_heads)
-            proj, proj_t = _layer(self.proj, attn.reshape(x.shape), _tangent(lambda a: a.reshape(x.shape), attn_t))
-            x, x_t = (proj + x) * self.skip_scale, _tangent(lambda a, b: (a + b) * self.skip_scale, proj_t, x_t)
-        return x, x_t
+            attn = self_attention(self.qkv(self.norm2(x)).flatten(2), self.num_heads)
+            x = (self.proj(attn.reshape(x.shape)) + x) * self.skip_scale
+        return x
 
 
 class _SinusoidalEmbedding(nn.Module):
-    """[B] -> [B, 2 F] as [sin | cos] of x times F frequencies, with the tangent along x_t [B]."""
+    """[B] -> [B, 2 F] as [sin | cos] of x times F frequencies."""
 
-    def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
+    def frequencies(self, x: torch.Tensor) -> torch.Tensor:
+        """The F frequencies, [F] in x's dtype."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_and_tangent(x, None)[0]
-
-    def forward_and_tangent(self, x: torch.Tensor, x_t: torch.Tensor | None):
-        freqs = self._frequencies(x)
-        angles = torch.outer(x, freqs)
-        sin, cos = angles.sin(), angles.cos()
-
-        def tangent(x_t):
-            angles_t = torch.outer(x_t, freqs)
-            return torch.cat([cos * angles_t, -sin * angles_t], dim=1)
-
-        return torch.cat([sin, cos], dim=1), _tangent(tangent, x_t)
+        angles = torch.outer(x, self.frequencies(x))
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 class PositionalEmbedding(_SinusoidalEmbedding):
@@ -427,7 +320,7 @@ class PositionalEmbedding(_SinusoidalEmbedding):
         self.max_positions = max_positions
         self.endpoint = endpoint
 
-    def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
+    def frequencies(self, x: torch.Tensor) -> torch.Tensor:
         half = self.num_channels // 2
         exponents = torch.arange(half, dtype=torch.float32, device=x.device) / (half - int(self.endpoint))
         return (1 / self.max_positions) ** exponents.to(x.dtype)
@@ -440,7 +333,7 @@ class FourierEmbedding(_SinusoidalEmbedding):
         super().__init__()
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
-    def _frequencies(self, x: torch.Tensor) -> torch.Tensor:
+    def frequencies(self, x: torch.Tensor) -> torch.Tensor:
         return (2 * math.pi * self.freqs).to(x.dtype)
 
 
@@ -512,9 +405,8 @@ class SongUNet(nn.Module):
         self.map_layer0 = Linear(2 * noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder. `_enc_roles` / `_dec_roles` say how forward() routes each named module.
+        # Encoder. forward() tells the roles of its modules apart by their names, as EDM's does.
         self.enc = nn.ModuleDict()
-        enc_roles = []
         skip_channels = []
         cout = aux_channels = in_channels
         for level, mult in enumerate(channel_mult):
@@ -522,67 +414,89 @@ class SongUNet(nn.Module):
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels, kernel=3, **init)
                 cout = model_channels
-                enc_roles.append("main")
                 skip_channels.append(cout)
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-                enc_roles.append("block")
                 skip_channels.append(cout)
                 if encoder_type == "skip":
                     self.enc[f"{res}x{res}_aux_down"] = Conv2d(aux_channels, aux_channels, kernel=0, down=True,
                                                                resample_filter=resample_filter)
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(aux_channels, cout, kernel=1, **init)
-                    enc_roles += ["aux_down", "aux_skip"]
                 if encoder_type == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
                         aux_channels, cout, kernel=3, down=True, resample_filter=resample_filter,
                         fused_resample=True, **init)
                     aux_channels = cout
-                    enc_roles.append("aux_residual")
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
                     cin, cout, attention=res in attn_resolutions, **block_kwargs)
-                enc_roles.append("block")
                 skip_channels.append(cout)
 
         # Decoder: each `block{idx}` takes the matching encoder output, concatenated on channels.
         self.dec = nn.ModuleDict()
-        dec_roles = []
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
             if level == len(channel_mult) - 1:
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-                dec_roles += ["block", "block"]
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-                dec_roles.append("block")
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skip_channels.pop(), model_channels * mult
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
                     cin, cout, attention=(idx == num_blocks and res in attn_resolutions), **block_kwargs)
-                dec_roles.append("block_cat")
             if decoder_type == "skip" or level == 0:
                 if decoder_type == "skip" and level < len(channel_mult) - 1:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
                                                              resample_filter=resample_filter)
-                    dec_roles.append("aux_up")
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
-                dec_roles += ["aux_norm", "aux_conv"]
-        self._enc_roles = tuple(enc_roles)
-        self._dec_roles = tuple(dec_roles)
 
-    def _embed(self, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None,
-               class_labels: torch.Tensor | None, t_t: torch.Tensor | None = None,
-               h_t: torch.Tensor | None = None):
-        """Conditioning vector [B, emb_channels] from t, h [B] and the optional labels, and its
-        tangent along (t_t, h_t) (None without them; the labels carry no tangent)."""
-        (emb_th, emb_th_t), (emb_h, emb_h_t) = (self.map_noise.forward_and_tangent(t, t_t),
-                                                self.map_noise.forward_and_tangent(h, h_t))
-        emb = torch.cat([emb_th, emb_h], dim=1)
-        emb_t = _tangent(lambda a, b: torch.cat([a, b], dim=1), emb_th_t, emb_h_t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """u(x, t, h): x [B, C, R, R], t and h [B] (or 0-dim, shared by the batch) -> [B, out_channels, R, R]."""
+        t, h = self._check_inputs(x, t, h, aug_cond, class_labels)
+
+        # Mapping.
+        emb = torch.cat([self.map_noise(t), self.map_noise(h)], dim=1)
+        emb = self._add_labels(emb, aug_cond, class_labels)
+        emb = F.silu(self.map_layer0(emb))
+        emb = F.silu(self.map_layer1(emb))
+
+        # Encoder.
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) * math.sqrt(0.5)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+
+        # Decoder: output heads summed over resolutions ('skip') or only at the last one.
+        aux = tmp = None
+        for name, block in self.dec.items():
+            if "aux_up" in name:
+                aux = block(aux)
+            elif "aux_norm" in name:
+                tmp = block(x)
+            elif "aux_conv" in name:
+                tmp = block(F.silu(tmp))
+                aux = tmp if aux is None else tmp + aux
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return aux
+
+    def _add_labels(self, emb: torch.Tensor, aug_cond: torch.Tensor | None,
+                    class_labels: torch.Tensor | None) -> torch.Tensor:
+        """emb [B, 2 noise_channels] plus the projections of the class and augmentation labels."""
         if self.map_label is not None:
             labels = class_labels.to(emb.dtype)
             if self.training and self.label_dropout:
@@ -591,93 +505,14 @@ class SongUNet(nn.Module):
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and aug_cond is not None:
             emb = emb + self.map_augment(aug_cond.to(emb.dtype))
-        return _silu(*_layer(self.map_layer1, *_silu(*_layer(self.map_layer0, emb, emb_t))))
+        return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """u(x, t, h): x [B, C, R, R], t and h [B] (or 0-dim, shared by the batch) -> [B, out_channels, R, R]."""
-        return self._forward(x, t, h, aug_cond, class_labels)[0]
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None,
+                      class_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raise ValueError for inputs this network cannot take; return t and h as [B] tensors.
 
-    def forward_and_tangent(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, x_t: torch.Tensor,
-                            t_t: torch.Tensor, h_t: torch.Tensor, aug_cond: torch.Tensor | None = None,
-                            class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, u_t): u = forward(x, t, h, ...) and its directional derivative along (x_t, t_t, h_t).
-
-        The same numbers as ``torch.func.jvp`` of ``forward`` (dropout masks included: both
-        draw them from the global RNG in the same order), without its cost: forward AD of each
-        convolution and linear layer also multiplies the input by the weights' tangent, which
-        is zero, and here only the input tangent is propagated. u keeps its autograd graph,
-        the same as forward's; u_t is computed under torch.no_grad() and has none, so use it
-        where its gradient is not needed (MeanFlow's target detaches du/dt). aug_cond and
-        class_labels carry no tangent. x_t is shaped like x; t_t and h_t like t and h.
+        The times come back in float32 or wider even when x is bf16: the embedding needs the precision.
         """
-        if tuple(x_t.shape) != tuple(x.shape):
-            raise ValueError(f"x_t must have the shape of x, {list(x.shape)}; got {list(x_t.shape)}")
-        return self._forward(x, t, h, aug_cond, class_labels, (x_t, t_t, h_t))
-
-    def _forward(self, x, t, h, aug_cond, class_labels, tangents=None):
-        """(u, u_t); u_t and every *_t below are None when tangents is None (plain forward)."""
-        batch = self._check_inputs(x, aug_cond, class_labels)
-        # Times stay in float32 or wider even when x is bf16: the embedding needs the precision.
-        t = _per_sample("t", t, batch)
-        t = t.to(torch.promote_types(t.dtype, torch.float32))
-        h = _per_sample("h", h, batch)
-        h = h.to(torch.promote_types(h.dtype, torch.float32))
-        x_t = t_t = h_t = None
-        if tangents is not None:
-            x_t = tangents[0].to(x.dtype)
-            t_t = _per_sample("t_t", tangents[1], batch).to(t.dtype)
-            h_t = _per_sample("h_t", tangents[2], batch).to(h.dtype)
-        emb, emb_t = self._embed(t, h, aug_cond, class_labels, t_t, h_t)
-
-        def add(a, b, scale=None):
-            return a + b if scale is None else (a + b) * scale
-
-        skips = []
-        aux, aux_t = x, x_t
-        for role, module in zip(self._enc_roles, self.enc.values()):
-            if role == "main":
-                x, x_t = _layer(module, x, x_t)
-                skips.append((x, x_t))
-            elif role == "block":
-                x, x_t = module._forward(x, emb, x_t, emb_t)
-                skips.append((x, x_t))
-            elif role == "aux_down":
-                aux, aux_t = _layer(module, aux, aux_t)
-            elif role == "aux_skip":
-                y, y_t = _layer(module, aux, aux_t)
-                x, x_t = add(x, y), _tangent(add, x_t, y_t)
-                skips[-1] = (x, x_t)
-            else:  # aux_residual: the running image-resolution path joins the main path
-                y, y_t = _layer(module, aux, aux_t)
-                x, x_t = add(x, y, math.sqrt(0.5)), _tangent(lambda a, b: add(a, b, math.sqrt(0.5)), x_t, y_t)
-                skips[-1] = (x, x_t)
-                aux, aux_t = x, x_t
-
-        out = out_t = None
-        normed = normed_t = None
-        for role, module in zip(self._dec_roles, self.dec.values()):
-            if role == "block":
-                x, x_t = module._forward(x, emb, x_t, emb_t)
-            elif role == "block_cat":
-                skip, skip_t = skips.pop()
-                cat_t = _tangent(lambda a, b: torch.cat([a, b], dim=1), x_t, skip_t)
-                x, x_t = module._forward(torch.cat([x, skip], dim=1), emb, cat_t, emb_t)
-            elif role == "aux_up":
-                out, out_t = _layer(module, out, out_t)
-            elif role == "aux_norm":
-                normed, normed_t = module.forward_and_tangent(x, x_t)
-            else:  # aux_conv: output head at this resolution, summed over resolutions for 'skip'
-                head, head_t = _layer(module, *_silu(normed, normed_t))
-                if out is None:
-                    out, out_t = head, head_t
-                else:
-                    out, out_t = out + head, _tangent(add, out_t, head_t)
-        return out, out_t
-
-    def _check_inputs(self, x: torch.Tensor, aug_cond: torch.Tensor | None,
-                      class_labels: torch.Tensor | None) -> int:
-        """Raise ValueError for inputs this network cannot take; return the batch size."""
         expected = (self.in_channels, self.img_resolution, self.img_resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -693,7 +528,8 @@ class SongUNet(nn.Module):
                                  f"pass class_labels of shape [{batch}, {self.label_dim}]; got {got}")
         elif class_labels is not None:
             raise ValueError("class_labels given but the network was built with label_dim=0")
-        return batch
+        t, h = per_sample("t", t, batch), per_sample("h", h, batch)
+        return t.to(torch.promote_types(t.dtype, torch.float32)), h.to(torch.promote_types(h.dtype, torch.float32))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -701,7 +537,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}")
 
 
-def _per_sample(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
+def per_sample(name: str, value: torch.Tensor, batch: int) -> torch.Tensor:
     """A time as a [B] tensor: accepts shape [B], [B, 1, ...] or a single value."""
     if value.numel() == 1:
         return value.reshape(1).expand(batch)

@@ -1,4 +1,5 @@
-"""SongUNet: layout of the authors' checkpoints, their reference outputs, JVP correctness, bad inputs."""
+"""SongUNet: layout of the authors' checkpoints, their reference outputs, JVP correctness, the
+hand-written tangent path of models/unet_tangent.py, bad inputs."""
 
 import functools
 from pathlib import Path
@@ -11,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import meanflow
 from models.unet import CIFAR10_CONFIG, SongUNet, UNetBlock, group_norm, self_attention
+from models.unet_tangent import Dual, forward_and_tangent, unet_block
 
 RELEASE_PREFIXES = ("net", "net_ema", "net_ema1", "net_ema2")
 CIFAR10_NUM_PARAMS = 55_932_419
@@ -233,7 +235,7 @@ def test_compiled_jvp_and_backward_match_eager():
         assert rel_err(got, want) < 1e-4
 
 
-# ---------------------------------------------------------------- the hand-written tangent path
+# ---------------------------------------------------------------- the tangent path of models/unet_tangent.py
 
 VARIANTS = [
     dict(),
@@ -261,7 +263,7 @@ def test_forward_and_tangent_equals_forward_and_jvp(variant: dict):
     u_plain = net(z, t, t - r, aug, labels)
     state_plain = torch.get_rng_state()
     torch.manual_seed(5)
-    u, u_t = net.forward_and_tangent(z, t, t - r, v, ones, ones, aug_cond=aug, class_labels=labels)
+    u, u_t = forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug, class_labels=labels)
     state_network = torch.get_rng_state()
     torch.manual_seed(5)
     u_jvp, dudt = torch.func.jvp(lambda a, b, c: net(a, b, b - c, aug, labels),
@@ -281,7 +283,7 @@ def test_forward_and_tangent_eval_mode_and_float32():
     net = perturbed(SongUNet(**{**TINY, "dropout": 0.3})).eval()
     z, v, t, r, aug = tiny_inputs()
     ones = torch.ones_like(t)
-    u, u_t = net.forward_and_tangent(z, t, t - r, v, ones, ones, aug_cond=aug)
+    u, u_t = forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug)
     u_jvp, dudt = torch.func.jvp(lambda a, b, c: net(a, b, b - c, aug), (z, t, r), (v, ones, torch.zeros_like(r)))
     assert u.dtype == u_t.dtype == torch.float32
     assert torch.equal(u, u_jvp)
@@ -311,17 +313,17 @@ def test_block_tangent_matches_jvp(kwargs: dict):
     x, x_t = (torch.randn(2, 8, 6, 6, generator=gen, dtype=torch.float64) for _ in range(2))
     emb, emb_t = (torch.randn(2, 12, generator=gen, dtype=torch.float64) for _ in range(2))
     torch.manual_seed(1)
-    y, y_t = block.forward_and_tangent(x, emb, x_t, emb_t)
+    y, y_t = unet_block(block, Dual(x, x_t), Dual(emb, emb_t))
     torch.manual_seed(1)
     y_jvp, dy = torch.func.jvp(block, (x, emb), (x_t, emb_t))
     assert torch.equal(y, y_jvp)
     assert rel_err(y_t, dy) < 1e-12
 
 
-def test_network_mode_needs_forward_and_tangent():
+def test_network_mode_needs_a_songunet():
     net = SongUNet(**TINY)
     z, v, t, r, aug = tiny_inputs()
-    with pytest.raises(ValueError, match="'network'.*lacks forward_and_tangent"):
+    with pytest.raises(ValueError, match="'network' walks the layers of a SongUNet.*function"):
         meanflow.u_and_dudt(lambda z_, t_, h_, aug_cond=None: net(z_, t_, h_, aug_cond), z, t, r, v, aug,
                             jvp_mode="network")
 
@@ -497,6 +499,13 @@ def test_wrong_input_shape(shape: tuple):
     net = SongUNet(**TINY)
     with pytest.raises(ValueError, match=r"expects x of shape \[B, 2, 8, 8\]"):
         net(torch.zeros(shape), torch.ones(2), torch.ones(2))
+
+
+def test_tangent_shape_must_match_x():
+    net = SongUNet(**TINY)
+    ones = torch.ones(2)
+    with pytest.raises(ValueError, match=r"x_t must have the shape of x, \[2, 2, 8, 8\]"):
+        forward_and_tangent(net, torch.zeros(2, 2, 8, 8), ones, ones, torch.zeros(2, 2, 8, 4), ones, ones)
 
 
 def test_wrong_time_and_label_shapes():
