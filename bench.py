@@ -96,9 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if data_utils.dataset_info(train.PRESETS[args.preset]["dataset"]).img_shape != (3, 32, 32):
             p.error(f"--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1), not {args.preset}: the "
                     f"release's network is fixed to CIFAR-10's shape")
-        if not (Path(args.baseline) / "meanflow" / "train_arg_parser.py").exists():
-            p.error(f"--baseline {args.baseline}: no meanflow/train_arg_parser.py there; give a copy of the "
-                    f"authors' repository (Gsunshine/py-meanflow)")
+        try:
+            release.release_code_dir(args.baseline)
+        except FileNotFoundError as e:
+            p.error(f"--baseline: {e}")
         if importlib.util.find_spec("torchmetrics") is None:
             p.error("--baseline: the release's training loop imports torchmetrics; pip install torchmetrics")
         if not torch.cuda.is_available() or args.device == "cpu":

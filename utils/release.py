@@ -1,7 +1,8 @@
-"""The authors' release (Gsunshine/py-meanflow) beside this repository, for bench.py: its modules imported
-without clobbering ours, its command line for our settings, its training step, and its loss on our draws.
+"""The authors' release (Gsunshine/py-meanflow) beside this repository: its modules imported without
+clobbering ours, its command line for our settings, its training step, and its loss on our draws.
 
-Nothing here is used for training; bench.py times and checks the release with it.
+Nothing here is used for training; bench.py times and checks the release with it, and
+tests/fixtures/make_fixtures.py computes the parity tests' reference outputs with it.
 """
 
 import contextlib
@@ -12,22 +13,41 @@ from pathlib import Path
 
 import torch
 
+RELEASE_URL = "https://github.com/Gsunshine/py-meanflow"
+RELEASE_FILES = ("models/unet.py", "train_arg_parser.py", "scripts/cifar10_v1.sh")
+
 # Our settings that the release takes as flags of the same name (those of its cifar10 launchers).
 SETTINGS = ("batch_size", "lr", "tr_sampler", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r", "norm_p", "norm_eps",
             "ratio", "dropout", "ema_decay", "ema_decays", "use_edm_aug", "compile")
 
 
+def release_code_dir(path: str | Path) -> Path:
+    """The release's `meanflow/` folder (models/, train_arg_parser.py, scripts/), given a clone or that folder.
+
+    FileNotFoundError naming the folder when it is not a copy of the release.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"release folder {path} does not exist: clone {RELEASE_URL} and pass its folder")
+    for candidate in (path / "meanflow", path):
+        if all((candidate / name).is_file() for name in RELEASE_FILES):
+            return candidate
+    raise FileNotFoundError(f"{path} is not a copy of the authors' release (missing one of "
+                            f"{', '.join('meanflow/' + name for name in RELEASE_FILES)}): "
+                            f"clone {RELEASE_URL} and pass its folder")
+
+
 @contextlib.contextmanager
-def release_modules(root: Path):
-    """Import the release's top-level modules (`models`, `training`, ...) from root/meanflow without
-    clobbering ours.
+def release_modules(root: str | Path):
+    """Import the release's top-level modules (`models`, `training`, ...) from a clone (or its `meanflow/`
+    folder) without clobbering ours.
 
     Its `models/` and `training/` folders have no `__init__.py`: as namespace packages they would
     lose to our regular packages of the same names whatever the order of sys.path, so they are
     registered by hand. Our modules are put back afterwards; objects already built keep working.
     """
     names = ("models", "training", "train_arg_parser")
-    src = root / "meanflow"
+    src = release_code_dir(root)
     ours_saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in names}
     sys.path.insert(0, str(src))
     for pkg in ("models", "training"):
@@ -86,14 +106,14 @@ def release_loss_and_backward(model: torch.nn.Module, x: torch.Tensor, aug_cond:
                               noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """The release's loss of `model` on our draws, and its backward pass. Its forward_with_loss draws
     noise and (t, r) itself, from its module's `torch.randn_like` and `sample_two_timesteps`: they
-    are handed ours for the call."""
-    module = sys.modules[type(model).__module__]
-    saved = module.sample_two_timesteps, module.torch
-    module.sample_two_timesteps = lambda *args, **kwargs: (t, r)
-    module.torch = types.SimpleNamespace(**{**vars(torch), "randn_like": lambda like: noise.clone()})
+    are handed ours for the call (in the globals its method runs in, which outlive release_modules)."""
+    names = type(model).forward_with_loss.__globals__
+    saved = names["sample_two_timesteps"], names["torch"]
+    names["sample_two_timesteps"] = lambda *args, **kwargs: (t, r)
+    names["torch"] = types.SimpleNamespace(**{**vars(torch), "randn_like": lambda like: noise.clone()})
     try:
         loss = model.forward_with_loss(x, aug_cond)
         loss.backward()
     finally:
-        module.sample_two_timesteps, module.torch = saved
+        names["sample_two_timesteps"], names["torch"] = saved
     return loss.detach()
