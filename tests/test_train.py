@@ -19,6 +19,7 @@ import torch
 from conftest import free_port
 import train
 from training.resume import CHECKPOINT_FORMAT, LAST
+from training import services
 from training.services import precision_settings, quiet_jit_deprecation
 from utils.errors import exit_on_user_error
 from training.step import check_gradients, check_weights, lr_at, train_step
@@ -260,6 +261,59 @@ def test_consistency_check_names_rank_and_parameter(tmp_path):
         name, grad_msg, weight_msg = (tmp_path / f"{rank}.txt").read_text().split("\n")
         assert "gradient" in grad_msg and f"'{name}'" in grad_msg and "rank 1" in grad_msg and "step 0" in grad_msg
         assert "weight" in weight_msg and "'net_ema.enc.8x8_conv.weight'" in weight_msg and "rank 1" in weight_msg
+
+
+def _stop_worker(rank: int, port: int, out: str, signal_at: int) -> None:
+    """train.main on rank `rank` of 2; rank 1 sends itself SIGTERM during step `signal_at`.
+    Writes the steps each rank ran to OUT/steps{rank}.txt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import training.loop
+    ran, step_fn = [], training.loop.train_step
+
+    def step(trainer, index, **kwargs):
+        ran.append(index)
+        if rank == 1 and index == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(trainer, index, **kwargs)
+
+    training.loop.train_step = step
+    assert train.main([*TINY, "--batch_size", "4", "--output_dir", out, "--max_steps", "100", "--ckpt_every", "0",
+                       "--log_per_step", "1000"]) == 0
+    Path(out, f"steps{rank}.txt").write_text(" ".join(map(str, ran)))
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_poll_step(tmp_path):
+    torch.multiprocessing.spawn(_stop_worker, args=(free_port(), str(tmp_path), 3), nprocs=2)
+    every = services.STOP_POLL_EVERY
+    for rank in range(2):
+        assert (tmp_path / f"steps{rank}.txt").read_text().split() == [str(i) for i in range(every)]
+    assert torch.load(tmp_path / LAST, weights_only=True)["step"] == every
+    assert "stopped by SIGTERM at step %d" % every in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("reaches_poll", [False, True])
+def test_stop_timer_exits_only_when_no_step_boundary_is_reached(reaches_poll):
+    code = ("import os, signal, sys, time, torch\n"
+            "from training.services import StopRequest\n"
+            "from utils.distributed import DistEnv\n"
+            "env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'), backend=None)\n"
+            "stop = StopRequest(env, grace_s=1.0)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"if {reaches_poll}:\n"
+            "    assert stop.requested(5)\n"
+            "time.sleep(4)  # a loop stuck in a collective, or one that went on to save\n"
+            "stop.restore()\n"
+            "print('ended normally')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    if reaches_poll:
+        assert done.returncode == 0 and "ended normally" in done.stdout and not done.stderr, done.stderr
+    else:
+        assert done.returncode == 128 + signal.SIGTERM and "ended normally" not in done.stdout
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: no step boundary reached 1 s after SIGTERM")
 
 
 # --------------------------------------------------------------------------- bad input

@@ -46,7 +46,7 @@ def training_loop(*, trainer: Trainer, start_step: int, total_steps: int, evalua
         f"{trainer.global_batch} = {trainer.batch} x {env.world_size} processes)"
         + (" ; compiling the training step first, this takes a while" if compiling else ""))
     try:
-        while step < total_steps and not stop.requested():
+        while step < total_steps and not stop.requested(step):
             # One step; the ranks' gradients and weights are compared on the first two and every check_every.
             logging_now = (step + 1) % log_every == 0 or step + 1 == total_steps
             checking = step - start_step < 2 or (check_every and (step + 1) % check_every == 0)
