@@ -357,6 +357,22 @@ def test_user_error_prints_one_line_and_exits_non_zero(tmp_path):
     assert "--data_path" in lines[0]
 
 
+def test_compute_fid_without_inception_weights_fails_at_start(tmp_path):
+    """Missing weights offline fail before any data or step, not at the first evaluation hours later."""
+    missing = tmp_path / "nowhere" / "inception.pth"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "train.py", *TINY, "--dataset", "mnist", "--attn_resolutions", "16", "--compute_fid",
+           "--data_path", str(empty), "--output_dir", str(tmp_path / "out")]
+    env = dict(_env(), MEANFLOW_INCEPTION_WEIGHTS=str(missing))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compute_fid needs the Inception weights"), done.stderr
+    assert str(missing) in lines[0] and "MEANFLOW_INCEPTION_WEIGHTS" in lines[0] and "--no_compute_fid" in lines[0]
+    assert "training steps" not in done.stdout and not list((tmp_path / "out").glob("*.pth"))
+
+
 def test_damaged_checkpoint_is_a_user_error(straight, tmp_path, capsys):
     data = (straight / LAST).read_bytes()
     (tmp_path / LAST).write_bytes(data[: len(data) // 2])

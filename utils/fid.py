@@ -19,7 +19,7 @@ import torch.distributed
 from utils.checkpoint import atomic_write
 from utils.data import load_dataset
 from utils.errors import UserFileError
-from utils.inception import Extractor, extractor_key
+from utils.inception import Extractor, extractor_key, resolve_inception_weights
 from utils.sampling import generate, shard, to_uint8
 
 
@@ -153,6 +153,22 @@ def _on_every_rank(fn, env=None):
             raise error
         raise UserFileError("another process failed while loading FID data (see its error above)")
     return result
+
+
+# ---------------------------------------------------------------- Inception weights
+
+
+def inception_weights(weights_path: str | None = None, *, env=None, download: bool = True) -> str:
+    """Path of the Inception weights file, the same on every rank of ``env``.
+
+    Rank 0 resolves it first (utils.inception.resolve_inception_weights, downloading when it is
+    missing and ``download``), then the others find the file it fetched: one download, not one
+    per process. A failure on any rank raises on every rank.
+    """
+    path = _on_every_rank(lambda: resolve_inception_weights(weights_path, download=download)
+                          if _is_rank0(env) else None, env)
+    return _on_every_rank(lambda: path if _is_rank0(env) else resolve_inception_weights(weights_path, download=False),
+                          env)
 
 
 # ---------------------------------------------------------------- reference statistics
