@@ -26,9 +26,10 @@ from training.loop import training_loop
 from training.resume import find_start, load_state
 from training.services import (PRECISIONS, Log, apply_precision, check_output_dir, load_training_images,
                                quiet_jit_deprecation)
-from utils.errors import UserValueError, exit_on_user_error
+from utils.errors import UserError, UserFileError, UserValueError, exit_on_user_error
 from training.step import Trainer, build_trainer
 from utils import data as data_utils
+from utils import fid
 from utils.distributed import DistEnv, check_consistency, cleanup, init_distributed
 
 # Defaults of every flag. The first block is the release's argument parser, value for value
@@ -254,6 +255,14 @@ def apply_launcher_env(cfg: dict) -> None:
 
 
 
+def resolve_fid_weights(env: DistEnv) -> str:
+    """The Inception weights file for --compute_fid on every rank (rank 0 downloads it if missing and online)."""
+    try:
+        return fid.inception_weights(env=env if env.world_size > 1 else None)
+    except (OSError, UserError) as e:
+        raise UserFileError(f"--compute_fid needs the Inception weights: {e}; or pass --no_compute_fid") from e
+
+
 def make_trainer(cfg: dict, env: DistEnv, images: torch.Tensor | None = None, **options) -> Trainer:
     """The Trainer these settings describe. images: uint8 [N, C, H, W], else cfg's dataset is loaded.
     options: build_trainer's benchmark switches (compile_mode, fused_adam)."""
@@ -301,6 +310,9 @@ def run(cfg: dict, env: DistEnv) -> int:
         torch.backends.cudnn.benchmark = True
         apply_precision(cfg["precision"])
 
+    # FID's Inception weights: fetched now by rank 0 (or found missing), not at the first evaluation.
+    inception_weights = resolve_fid_weights(env) if cfg["compute_fid"] else None
+
     # Build the trainer and continue from the last checkpoint or --resume.
     ckpt, source = find_start(out=out, resume=cfg["resume"], eval_only=cfg["eval_only"])
     if cfg["eval_only"] and ckpt is None:
@@ -335,7 +347,8 @@ def run(cfg: dict, env: DistEnv) -> int:
     fid_samples = min(cfg["fid_samples"], max(2, trainer.global_batch)) if cfg["test_run"] else cfg["fid_samples"]
     evaluate = Evaluator(model=trainer.model, env=env, img_shape=trainer.img_shape, dataset=cfg["dataset"],
                          data_path=cfg["data_path"], seed=cfg["seed"], compute_fid=cfg["compute_fid"],
-                         fid_samples=fid_samples, batch_size=cfg["batch_size"], out=out, writer=writer, log=log)
+                         fid_samples=fid_samples, batch_size=cfg["batch_size"], inception_weights=inception_weights,
+                         out=out, writer=writer, log=log)
     try:
         if cfg["eval_only"]:
             evaluate(step)

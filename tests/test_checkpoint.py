@@ -2,6 +2,7 @@
 import argparse
 import inspect
 import re
+import time
 
 import pytest
 import torch
@@ -216,3 +217,65 @@ def test_load_network_bad_name_lists_available(fixtures_dir):
     assert available_networks(data) == ["net", "net_ema", "net_ema1", "net_ema2"]
     with pytest.raises(ValueError, match=r"'net_ema9'.*\['net', 'net_ema', 'net_ema1', 'net_ema2'\]"):
         load_network(data, ema="net_ema9")
+
+
+# --------------------------------------------------------------------------- background writes
+
+
+def _slow_torch_save(monkeypatch, seconds: float, order: list):
+    """torch.save that takes `seconds` and records the step of each state it writes."""
+    real = torch.save
+
+    def slow(obj, f, *args, **kwargs):
+        time.sleep(seconds)
+        real(obj, f, *args, **kwargs)
+        order.append(obj["step"])
+
+    monkeypatch.setattr(ckpt_io.torch, "save", slow)
+
+
+def test_background_save_returns_before_the_write_and_keeps_that_moments_state(tmp_path, monkeypatch):
+    order = []
+    _slow_torch_save(monkeypatch, 0.5, order)
+    saver = ckpt_io.BackgroundSaver()
+    weights = torch.zeros(3)
+    path = tmp_path / "ckpt.pth"
+    tic = time.perf_counter()
+    saver.save({"w": weights, "step": 1}, [path, tmp_path / "copy.pth"])
+    assert time.perf_counter() - tic < 0.4 and not path.exists()
+    weights.add_(5)  # training goes on: the file must hold the state at save time
+    saver.wait()
+    for name in ("ckpt.pth", "copy.pth"):
+        loaded = load_checkpoint(tmp_path / name)
+        assert loaded["step"] == 1 and torch.equal(loaded["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "copy.pth"]  # no temporary file left
+
+
+def test_background_saves_in_a_row_are_ordered_and_the_old_file_stays_until_replaced(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint({"step": 0}, path)
+    order = []
+    _slow_torch_save(monkeypatch, 0.3, order)
+    saver = ckpt_io.BackgroundSaver()
+    saver.save({"step": 1}, [path])
+    assert load_checkpoint(path)["step"] == 0  # being written: the old file is whole
+    saver.save({"step": 2}, [path])  # waits for the first write
+    assert order == [1]
+    saver.wait()
+    assert order == [1, 2] and load_checkpoint(path)["step"] == 2
+
+
+def test_background_write_error_is_raised_at_the_next_save_and_at_wait(tmp_path, monkeypatch):
+    def failing(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", failing)
+    saver = ckpt_io.BackgroundSaver()
+    saver.save({"step": 1}, [tmp_path / "a.pth"])
+    with pytest.raises(UserFileError, match="a.pth.*No space left on device"):
+        saver.save({"step": 2}, [tmp_path / "a.pth"])
+    saver.save({"step": 3}, [tmp_path / "b.pth"])
+    with pytest.raises(UserFileError, match="b.pth.*No space left on device"):
+        saver.wait()
+    saver.wait()  # each error is reported once
+    assert not list(tmp_path.iterdir())

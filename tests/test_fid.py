@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.distributed
 import torch.multiprocessing as mp
@@ -72,19 +73,29 @@ def test_frechet_diagonal_closed_form_and_zero():
     assert fid.frechet_distance(torch.tensor(mu1), torch.tensor(np.diag(s1)), mu2, np.diag(s2)) == pytest.approx(expected)
 
 
-def test_frechet_retries_with_offset_when_sqrtm_fails(monkeypatch):
-    calls = []
-    real = fid.scipy.linalg.sqrtm
+def _sqrtm_distance(mu1, s1, mu2, s2) -> float:
+    """The TF FID code's formula, with scipy's general matrix square root."""
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
-    def flaky(a):
-        calls.append(a)
-        return np.full_like(a, np.nan) if len(calls) == 1 else real(a)
 
-    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", flaky)
-    s = np.diag([1.0, 4.0])
-    value = fid.frechet_distance(np.zeros(2), s, np.zeros(2), s)
-    assert len(calls) == 2 and np.allclose(calls[1], (s + 1e-6 * np.eye(2)) @ (s + 1e-6 * np.eye(2)))
-    assert abs(value) < 1e-5
+@pytest.mark.parametrize("samples", [3000, 1000])  # full rank; rank 999 of 2048, as FID with few samples
+def test_frechet_equals_sqrtm_formula_on_2048_d_covariances(samples):
+    rng = np.random.default_rng(samples)
+    stats = []
+    for scale in (1.0, 1.2):
+        features = scale * rng.standard_normal((samples, 2048)) + 0.1 * rng.standard_normal(2048)
+        stats += [features.mean(0), np.cov(features, rowvar=False)]
+    assert fid.frechet_distance(*stats) == pytest.approx(_sqrtm_distance(*stats), rel=1e-6)
+
+
+def test_frechet_of_singular_covariances_is_finite_and_exact():
+    # Rank-one covariances u u^T and v v^T: tr (s1 s2)^(1/2) = |u . v|, which needs no offset.
+    u, v = np.array([1.0, 2.0, 0.0]), np.array([0.5, -1.0, 3.0])
+    s1, s2 = np.outer(u, u), np.outer(v, v)
+    expected = u @ u + v @ v - 2 * abs(u @ v)
+    assert fid.frechet_distance(np.zeros(3), s1, np.zeros(3), s2) == pytest.approx(expected, rel=1e-9)
+    assert abs(fid.frechet_distance(np.zeros(3), s1, np.zeros(3), s1)) < 1e-7
 
 
 def test_frechet_rejects_mismatched_shapes():
@@ -136,9 +147,12 @@ def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+        calls = []
+        distance = fid.frechet_distance
+        fid.frechet_distance = lambda *args, **kwargs: calls.append(1) or distance(*args, **kwargs)
         value = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=4, img_shape=(3, 4, 4), seed=2,
                                    steps=2, extractor=FakeExtractor(), env=env, progress=False)
-        np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array(value))
+        np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array([value, len(calls)]))
     finally:
         cleanup()
 
@@ -148,8 +162,9 @@ def test_fid_two_gloo_processes_equal_one(tmp_path):
     single = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=10, img_shape=(3, 4, 4), seed=2,
                                 steps=2, extractor=FakeExtractor(), progress=False)
     mp.spawn(_fid_worker, args=(free_port(), str(tmp_path), ref), nprocs=2, join=True)
-    values = [float(np.load(tmp_path / f"fid{r}.npy")) for r in range(2)]
+    values, calls = zip(*(np.load(tmp_path / f"fid{r}.npy") for r in range(2)))
     assert values[0] == values[1]
+    assert calls == (1, 0)  # the distance is taken on rank 0 only
     assert values[0] == pytest.approx(single, rel=1e-9)
 
 

@@ -19,6 +19,7 @@ import torch
 from conftest import free_port
 import train
 from training.resume import CHECKPOINT_FORMAT, LAST
+from training import services
 from training.services import precision_settings, quiet_jit_deprecation
 from utils.errors import exit_on_user_error
 from training.step import check_gradients, check_weights, lr_at, train_step
@@ -262,6 +263,59 @@ def test_consistency_check_names_rank_and_parameter(tmp_path):
         assert "weight" in weight_msg and "'net_ema.enc.8x8_conv.weight'" in weight_msg and "rank 1" in weight_msg
 
 
+def _stop_worker(rank: int, port: int, out: str, signal_at: int) -> None:
+    """train.main on rank `rank` of 2; rank 1 sends itself SIGTERM during step `signal_at`.
+    Writes the steps each rank ran to OUT/steps{rank}.txt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import training.loop
+    ran, step_fn = [], training.loop.train_step
+
+    def step(trainer, index, **kwargs):
+        ran.append(index)
+        if rank == 1 and index == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(trainer, index, **kwargs)
+
+    training.loop.train_step = step
+    assert train.main([*TINY, "--batch_size", "4", "--output_dir", out, "--max_steps", "100", "--ckpt_every", "0",
+                       "--log_per_step", "1000"]) == 0
+    Path(out, f"steps{rank}.txt").write_text(" ".join(map(str, ran)))
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_poll_step(tmp_path):
+    torch.multiprocessing.spawn(_stop_worker, args=(free_port(), str(tmp_path), 3), nprocs=2)
+    every = services.STOP_POLL_EVERY
+    for rank in range(2):
+        assert (tmp_path / f"steps{rank}.txt").read_text().split() == [str(i) for i in range(every)]
+    assert torch.load(tmp_path / LAST, weights_only=True)["step"] == every
+    assert "stopped by SIGTERM at step %d" % every in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("reaches_poll", [False, True])
+def test_stop_timer_exits_only_when_no_step_boundary_is_reached(reaches_poll):
+    code = ("import os, signal, sys, time, torch\n"
+            "from training.services import StopRequest\n"
+            "from utils.distributed import DistEnv\n"
+            "env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'), backend=None)\n"
+            "stop = StopRequest(env, grace_s=1.0)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"if {reaches_poll}:\n"
+            "    assert stop.requested(5)\n"
+            "time.sleep(4)  # a loop stuck in a collective, or one that went on to save\n"
+            "stop.restore()\n"
+            "print('ended normally')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    if reaches_poll:
+        assert done.returncode == 0 and "ended normally" in done.stdout and not done.stderr, done.stderr
+    else:
+        assert done.returncode == 128 + signal.SIGTERM and "ended normally" not in done.stdout
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: no step boundary reached 1 s after SIGTERM")
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -301,6 +355,22 @@ def test_user_error_prints_one_line_and_exits_non_zero(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: CIFAR-10 not found under"), done.stderr
     assert "--data_path" in lines[0]
+
+
+def test_compute_fid_without_inception_weights_fails_at_start(tmp_path):
+    """Missing weights offline fail before any data or step, not at the first evaluation hours later."""
+    missing = tmp_path / "nowhere" / "inception.pth"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "train.py", *TINY, "--dataset", "mnist", "--attn_resolutions", "16", "--compute_fid",
+           "--data_path", str(empty), "--output_dir", str(tmp_path / "out")]
+    env = dict(_env(), MEANFLOW_INCEPTION_WEIGHTS=str(missing))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compute_fid needs the Inception weights"), done.stderr
+    assert str(missing) in lines[0] and "MEANFLOW_INCEPTION_WEIGHTS" in lines[0] and "--no_compute_fid" in lines[0]
+    assert "training steps" not in done.stdout and not list((tmp_path / "out").glob("*.pth"))
 
 
 def test_damaged_checkpoint_is_a_user_error(straight, tmp_path, capsys):

@@ -18,15 +18,18 @@ class Evaluator:
     digits quality figure (digits) or FID (compute_fid) of every network in `model`, logged.
 
     img_shape: (C, H, W) of the samples. fid_samples: generated images per FID, drawn in batches of
-    batch_size. out: folder for the grids (None: none written). writer: a SummaryWriter or None.
+    batch_size. inception_weights: the FID weights file (None: found as
+    utils.inception.resolve_inception_weights finds it). out: folder for the grids (None: none written). writer: a SummaryWriter or None.
     """
 
     def __init__(self, *, model: EMAModel, env: DistEnv, img_shape: tuple[int, int, int], dataset: str,
                  data_path: str, seed: int = 0, compute_fid: bool = False, fid_samples: int = 50000,
-                 batch_size: int = 64, out: Path | None = None, writer=None, log: Log):
+                 batch_size: int = 64, inception_weights: str | None = None, out: Path | None = None, writer=None,
+                 log: Log):
         self.model, self.env, self.img_shape = model, env, img_shape
         self.dataset, self.data_path, self.seed = dataset, data_path, seed
         self.compute_fid, self.fid_samples, self.batch_size = compute_fid, fid_samples, batch_size
+        self.inception_weights = inception_weights
         self.out, self.writer, self.log = out, writer, log
         self.main = env.rank == 0
         self.fid_setup = None  # (Inception extractor, reference statistics), made at the first FID
@@ -85,7 +88,7 @@ class Evaluator:
         from utils.inception import InceptionFeatures
         env = self.env if self.env.world_size > 1 else None
         if self.fid_setup is None:
-            extractor = InceptionFeatures(device=self.env.device)
+            extractor = InceptionFeatures(self.inception_weights, device=self.env.device)
             ref = fid.reference_stats(self.dataset, data_path=self.data_path, split="train",
                                       extractor=extractor, env=env, progress=self.main)
             self.fid_setup = extractor, ref

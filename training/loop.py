@@ -39,13 +39,14 @@ def training_loop(*, trainer: Trainer, start_step: int, total_steps: int, evalua
     loss_sum = torch.zeros((), device=trainer.device)  # losses since the last log, read only when logging
     window, window_start, window_tic = 0, step, time.perf_counter()
     stop = StopRequest(env)
+    saver = ckpt_io.BackgroundSaver()
     bar = tqdm(total=total_steps, initial=step, disable=None if env.rank == 0 else True, dynamic_ncols=True,
                desc="train", unit="step", file=sys.stderr)
     log(f"training steps {start_step}..{total_steps} ({total_steps / spe:.1f} epochs of {spe} steps, global batch "
         f"{trainer.global_batch} = {trainer.batch} x {env.world_size} processes)"
         + (" ; compiling the training step first, this takes a while" if compiling else ""))
     try:
-        while step < total_steps and not stop.requested():
+        while step < total_steps and not stop.requested(step):
             # One step; the ranks' gradients and weights are compared on the first two and every check_every.
             logging_now = (step + 1) % log_every == 0 or step + 1 == total_steps
             checking = step - start_step < 2 or (check_every and (step + 1) % check_every == 0)
@@ -82,7 +83,7 @@ def training_loop(*, trainer: Trainer, start_step: int, total_steps: int, evalua
             tic = time.perf_counter()
             if names and save:
                 finite_loss_sum(trainer, loss_sum, first=window_start, last=step, out=out, saved_step=saved_step)
-                save_checkpoints(trainer, step, names, out=out, config=config, log=log)
+                save_checkpoints(trainer, step, names, out=out, config=config, log=log, saver=saver)
                 saved_step = step
             if evaluating:
                 evaluate(step)
@@ -92,7 +93,7 @@ def training_loop(*, trainer: Trainer, start_step: int, total_steps: int, evalua
         stopped = step < total_steps
         if save and (stopped or saved_step != step):
             finite_loss_sum(trainer, loss_sum, first=window_start, last=step, out=out, saved_step=saved_step)
-            save_checkpoints(trainer, step, [LAST], out=out, config=config, log=log)
+            save_checkpoints(trainer, step, [LAST], out=out, config=config, log=log, saver=saver)
         if stopped:
             log(f"stopped by {signal.Signals(stop.signum).name} at step {step}"
                 + (f"; {LAST} saved: run the same command to continue" if save else ""))
@@ -103,6 +104,7 @@ def training_loop(*, trainer: Trainer, start_step: int, total_steps: int, evalua
     finally:
         bar.close()
         stop.restore()
+        saver.wait()  # the last checkpoint is on disk before the run ends, or its write error is raised
 
 
 def finite_loss_sum(trainer: Trainer, loss_sum: torch.Tensor, *, first: int, last: int, out: Path | None,
@@ -122,11 +124,12 @@ def finite_loss_sum(trainer: Trainer, loss_sum: torch.Tensor, *, first: int, las
     return total
 
 
-def save_checkpoints(trainer: Trainer, step: int, names: list[str], *, out: Path, config: dict, log: Log) -> None:
-    """Write the checkpoint of `step` under each name in `out` (rank 0), once all ranks hold the same weights."""
+def save_checkpoints(trainer: Trainer, step: int, names: list[str], *, out: Path, config: dict, log: Log,
+                     saver: ckpt_io.BackgroundSaver) -> None:
+    """Save the checkpoint of `step` under each name in `out` (rank 0), once all ranks hold the same weights.
+
+    The state is copied to the CPU now and written by `saver`'s thread while training goes on."""
     check_weights(trainer.model, step)
     if trainer.env.rank == 0:
-        state = checkpoint_state(trainer, step, config=config)
-        for name in names:
-            ckpt_io.save_checkpoint(state, out / name)
+        saver.save(checkpoint_state(trainer, step, config=config), [out / name for name in names])
     log(f"saved {', '.join(names)} at step {step}")

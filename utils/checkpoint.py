@@ -7,6 +7,7 @@ import argparse
 import inspect
 import os
 import re
+import threading
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -58,6 +59,59 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, what: s
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """torch.save `state` to `path` with atomic_write: a crash never leaves half a checkpoint."""
     atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
+
+
+class BackgroundSaver:
+    """Checkpoints written by a background thread, one at a time, so that training goes on meanwhile.
+
+    save(state, paths) copies every tensor of `state` to the CPU before it returns (the files hold
+    the state of that moment, whatever the training does next), then a thread writes each path in
+    turn with save_checkpoint (atomic: a file is replaced only once its successor is complete). A
+    save first waits for the previous write. An error of a write is raised in the caller's thread
+    by the next save() or wait(); call wait() before the process ends.
+    """
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def save(self, state: dict, paths: list[str | Path]) -> None:
+        self.wait()
+        copy = cpu_copy(state)
+        # Not a daemon: the interpreter waits for a write in progress even on an unexpected exit.
+        self.thread = threading.Thread(target=self._write, args=(copy, [Path(p) for p in paths]),
+                                       name="checkpoint-writer")
+        self.thread.start()
+
+    def _write(self, state: dict, paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                save_checkpoint(state, path)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
+            self.error = e
+
+    def wait(self) -> None:
+        """Return once the pending write is on disk; raise its error, if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
+def cpu_copy(obj):
+    """`obj` (nested dicts, lists, tuples) with every tensor replaced by a copy in CPU memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copy = type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module's state_dict: the versions load_state_dict reads
+            copy._metadata = obj._metadata
+        return copy
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 def _fsync_folder(folder: Path) -> None:

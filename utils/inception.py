@@ -6,6 +6,7 @@ attribute names it in the file name of cached reference statistics.
 
 import hashlib
 import os
+import socket
 from typing import Callable
 
 import torch
@@ -21,7 +22,12 @@ Extractor = Callable[[torch.Tensor], torch.Tensor]
 
 def _download(url: str, dst: str) -> None:
     """Fetch ``url`` to ``dst`` (torch.hub writes a temporary file and renames it)."""
-    torch.hub.download_url_to_file(url, dst, progress=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an unreachable host must not hang the start of a run
+    try:
+        torch.hub.download_url_to_file(url, dst, progress=True)
+    finally:
+        socket.setdefaulttimeout(old)
 
 
 def _missing_weights_message(reason: str) -> str:
