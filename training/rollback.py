@@ -93,9 +93,10 @@ class RollbackGuard:
         """All ranks: restore checkpoint-last.pth (written at `saved_step`) after `why` was found in steps
         first..last, and count the attempt; returns the step to continue from. Raises UserRunError when
         there is no checkpoint or this checkpoint was restored max_rollbacks times already."""
+        saved_step = saved_step if self.out is not None else None  # a run that saves nothing has nothing to restore
         self.streak = self.streak + 1 if saved_step is not None and saved_step == self.restored_step else 1
         self.restored_step = saved_step
-        if saved_step is None or self.out is None or self.streak > self.max_rollbacks:
+        if saved_step is None or self.streak > self.max_rollbacks:
             kept = f"{self.out / LAST} (step {saved_step}) is left untouched" if saved_step is not None \
                 else "no checkpoint was written to roll back to"
             tried = f" after {self.streak - 1} rollbacks to step {saved_step} (--max_rollbacks " \
