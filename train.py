@@ -46,6 +46,7 @@ DEFAULTS = dict(
     preset=None, max_steps=None, ckpt_every=1000, snapshot_every=0, check_every=1000,
     model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
     ema_period=16, jvp_mode="joint", cpu_threads=0, precision="tf32",
+    max_rollbacks=3, spike_factor=0.0, fault_nan_at=None,
 )
 
 _CIFAR10_RELEASE = dict(
@@ -164,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--fid_samples", type=int, help="number of generated samples for FID")
     add("--save_fid_samples", action="store_true", help=ignored + "write samples with sample.py --out FILE.npz")
 
+    g = p.add_argument_group("rollback (docs/rollback.md)")
+    add("--max_rollbacks", type=int, help="a non-finite loss, gradient norm or weight restores checkpoint-last.pth "
+        "and training goes on with fresh draws; the run stops after this many rollbacks to the same checkpoint")
+    add("--spike_factor", type=float, help="also roll back when the gradient norm exceeds this multiple of its "
+        "recent median (0: off)")
+    add("--fault_nan_at", type=step_list, metavar="STEP[,STEP...]", help="testing aid: make the loss and weights "
+        "of these steps NaN; each entry fires once, the first time its step runs after the previous entry fired")
+
     g = p.add_argument_group("devices and processes")
     add("--device", choices=["cuda", "cpu"], help="default: cuda when available, else cpu")
     add("--cpu_threads", type=int, help="threads for CPU work (torch.set_num_threads); 0: PyTorch's default")
@@ -177,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's OMPI_COMM_WORLD_* variables")
     add("--dist_url", help="rendezvous: env:// (MASTER_ADDR, MASTER_PORT) or tcp://HOST:PORT")
     return p
+
+
+def step_list(text: str) -> list[int]:
+    """'9,9,12' -> [9, 9, 12] (argparse type of --fault_nan_at)."""
+    try:
+        steps = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of steps, e.g. 9,9,12") from None
+    if min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: steps count from 1")
+    return steps
 
 
 def resolve_config(argv: list[str] | None = None) -> dict:
@@ -205,9 +225,11 @@ def validate(cfg: dict) -> None:
     for flag in ("batch_size", "epochs", "log_per_step", "fid_samples", "model_channels", "num_blocks", "ema_period"):
         need(isinstance(cfg[flag], int) and cfg[flag] >= 1, flag, "must be a positive integer")
     need(cfg["max_steps"] is None or cfg["max_steps"] >= 1, "max_steps", "must be a positive integer")
-    for flag in ("warmup_epochs", "ckpt_every", "snapshot_every", "check_every", "cpu_threads"):
+    for flag in ("warmup_epochs", "ckpt_every", "snapshot_every", "check_every", "cpu_threads", "max_rollbacks"):
         need(cfg[flag] >= 0, flag, "must be >= 0")
     need(cfg["lr"] > 0 and math.isfinite(cfg["lr"]), "lr", "must be a positive number")
+    need(cfg["spike_factor"] == 0 or (cfg["spike_factor"] > 1 and math.isfinite(cfg["spike_factor"])),
+         "spike_factor", "must be 0 (off) or a number above 1, e.g. 10")
     need(len(cfg["optimizer_betas"]) == 2 and all(0 <= b < 1 for b in cfg["optimizer_betas"]),
          "optimizer_betas", "give two numbers in [0, 1), e.g. 0.9 0.999")
     need(0 <= cfg["dropout"] < 1, "dropout", "must be in [0, 1)")
@@ -363,7 +385,8 @@ def run(cfg: dict, env: DistEnv) -> int:
                       config=cfg, out=out, writer=writer, save=not cfg["test_run"], log_every=cfg["log_per_step"],
                       check_every=cfg["check_every"], ckpt_every=cfg["ckpt_every"],
                       snapshot_every=cfg["snapshot_every"], eval_every=cfg["eval_frequency"],
-                      compiling=cfg["compile"])
+                      compiling=cfg["compile"], max_rollbacks=cfg["max_rollbacks"],
+                      spike_factor=cfg["spike_factor"], fault_nan_at=cfg["fault_nan_at"] or ())
         return 0
     finally:
         if writer is not None:

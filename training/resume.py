@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+import dataclasses
+
 import torch
 
 from utils.errors import UserFileError
-from training.step import WARMUP_START, Trainer
+from training.step import WARMUP_START, RollbackState, Trainer
 from utils import checkpoint as ckpt_io
 
 CHECKPOINT_FORMAT = "meanflow-pytorch/1"
@@ -28,6 +30,7 @@ def checkpoint_state(trainer: Trainer, step: int, *, config: dict) -> dict:
         "config": dict(config),
         "model_config": trainer.model_config,
         "ema_decays": dict(trainer.model.decays),
+        "rollback": dataclasses.asdict(trainer.rollback),  # the attempt keys the draws of the steps to come
         "format": CHECKPOINT_FORMAT,
     }
 
@@ -79,6 +82,10 @@ def load_state(trainer: Trainer, ckpt: dict, source: str) -> tuple[int, list[str
             notes.append(f"optimizer state of {source} not loaded ({e}); Adam starts afresh")
     else:
         notes.append(f"{source} has no optimizer state; Adam starts afresh")
+    trainer.rollback = RollbackState(**ckpt.get("rollback", {}))
+    if trainer.rollback.attempt:
+        notes.append(f"{source} was written after {trainer.rollback.attempt} rollbacks: its draws are keyed "
+                     f"by attempt {trainer.rollback.attempt}")
     spe, global_batch = trainer.steps_per_epoch, trainer.global_batch
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         step = int(ckpt["step"])

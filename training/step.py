@@ -5,14 +5,15 @@ cannot run through the DDP wrapper (PyTorch issue 102197). Every rank runs the b
 gradients are averaged explicitly (GradSync), and ranks can be checked to hold identical
 gradients and weights.
 
-Randomness is keyed by (seed, step, purpose) and drawn for the global batch, of which each rank
-takes its rows: a resumed run continues exactly, and with dropout 0, N processes with batch B
+Randomness is keyed by (seed, step, purpose), plus the attempt after a rollback, and drawn on
+the host for the global batch, of which each rank takes its rows: a resumed run continues
+exactly, the draws do not depend on the GPU model, and with dropout 0, N processes with batch B
 train the same weights as one process with batch N*B.
 """
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,14 @@ from utils.distributed import DistEnv, GradSync, check_consistency
 from utils.errors import UserValueError
 
 WARMUP_START = 1e-8  # the release's LinearLR starts at lr = 1e-8 (start_factor = 1e-8 / lr)
+
+
+@dataclass
+class RollbackState:
+    """What training/rollback.py keeps with the trainer; saved in every checkpoint."""
+    attempt: int = 0        # rollbacks so far in this run: keys every draw (0: the keys of a run without rollbacks)
+    faults_fired: int = 0   # entries of --fault_nan_at that have fired
+    grad_norms: list[float] = field(default_factory=list)  # the spike guard's recent largest gradient norms
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Trainer:
     batch: int                  # rows per process
     lr: float
     warmup_steps: int
+    rollback: RollbackState = field(default_factory=RollbackState)
 
     @property
     def device(self) -> torch.device:
@@ -107,12 +117,14 @@ def train_step(trainer: Trainer, step: int, *, check: bool = False,
     device tensors: nothing here waits for the device.
     """
     model, optimizer = trainer.model, trainer.optimizer
-    # Draw this rank's rows of the batch, keyed by (seed, step, purpose).
+    # Draw this rank's rows of the batch, keyed by (seed, step, purpose, attempt).
     x, aug_cond, noise, t, r = draw_batch(trainer, step)
 
-    # Loss and gradients; dropout draws from a global RNG seeded by (seed, step, rank).
+    # Loss and gradients; dropout draws from a global RNG seeded by (seed, step, rank, attempt).
     optimizer.zero_grad(set_to_none=True)
-    with seeded_global_rng(data_utils.fold_seed(trainer.seed, "dropout", step, trainer.env.rank), trainer.device):
+    dropout_seed = data_utils.fold_seed(trainer.seed, "dropout", step, trainer.env.rank,
+                                        *attempt_keys(trainer.rollback.attempt))
+    with seeded_global_rng(dropout_seed, trainer.device):
         loss = trainer.loss_fn(model.net, trainer.method, x, aug_cond, noise, t, r)
     trainer.grad_sync()  # average over ranks
     if check:
@@ -136,27 +148,36 @@ def draw_batch(trainer: Trainer, step: int):
     """This rank's rows of global batch `step`: (x, aug_cond, noise, t, r).
 
     Every random draw is made for the whole global batch from a generator keyed by
-    (seed, step, purpose), then sliced, so rows do not depend on the number of processes.
+    (seed, step, purpose, attempt), then sliced, so rows do not depend on the number of processes.
+    The generators are the host's: CUDA's randn depends on the launch grid, i.e. on the GPU model,
+    and a CPU generator gives the same numbers on every machine. Draws go to the device pinned,
+    without waiting for it.
     """
     device, global_batch = trainer.device, trainer.global_batch
     rows = slice(trainer.env.rank * trainer.batch, (trainer.env.rank + 1) * trainer.batch)
 
-    def generator(purpose: str, on: torch.device | str = device) -> torch.Generator:
-        return data_utils.make_generator(trainer.seed, "train", step, purpose, device=on)
+    def generator(purpose: str) -> torch.Generator:
+        return data_utils.make_generator(trainer.seed, "train", step, purpose, *attempt_keys(trainer.rollback.attempt))
 
     epoch, k = divmod(step, trainer.steps_per_epoch)
     idx = data_utils.batch_indices(trainer.seed, epoch, len(trainer.images), global_batch, k)[rows]
     x = data_utils.to_float(trainer.images[data_utils.to_device(idx, device)])
     where = dict(offset=rows.start, total=global_batch)
     if trainer.flip:
-        x = data_utils.random_hflip(x, generator("flip", "cpu"), **where)
+        x = data_utils.random_hflip(x, generator("flip"), **where)
     aug_cond = None
     if trainer.augment is not None:
-        # A CPU generator keeps the augmentation's draws and decisions on the host: no device sync.
-        x, aug_cond = trainer.augment(x, generator("augment", "cpu"), **where)
-    noise = torch.randn((global_batch, *trainer.img_shape), generator=generator("noise"), device=device)[rows]
-    t, r = trainer.method.sample_t_r(global_batch, device=device, generator=generator("t_r"))
-    return x, aug_cond, noise, t[rows], r[rows]
+        # The augmentation's draws and decisions stay on the host too: no device sync.
+        x, aug_cond = trainer.augment(x, generator("augment"), **where)
+    noise = torch.randn((global_batch, *trainer.img_shape), generator=generator("noise"))[rows]
+    t, r = trainer.method.sample_t_r(global_batch, generator=generator("t_r"))
+    return x, aug_cond, *(data_utils.to_device(v, device) for v in (noise, t[rows], r[rows]))
+
+
+def attempt_keys(attempt: int) -> tuple:
+    """Keys appended to every draw of a step after `attempt` rollbacks; none on attempt 0, so a run
+    that never rolled back draws what runs drew before rollbacks existed."""
+    return ("attempt", attempt) if attempt else ()
 
 
 def loss_and_backward(net, method: meanflow.MeanFlow, x, aug_cond, noise, t, r) -> torch.Tensor:
