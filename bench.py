@@ -214,7 +214,7 @@ def count_flops(fn) -> float:
 def model_flops(trainer: Trainer) -> dict:
     """FLOPs per image of the forward, of the training step as run, and of the step's needed work."""
     net, method = trainer.model.net, trainer.method
-    x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in draw_batch(trainer, 0))
+    x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in draw_batch(trainer, 0)[:5])
     flops = dict(forward_per_image=count_flops(lambda: net(x, t, t - r, aug_cond)) / 2)
     flops["train_step_per_image"] = count_flops(lambda: loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
     needed = meanflow.MeanFlow(**{**vars(method), "jvp_mode": "network"})
@@ -238,7 +238,7 @@ def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
         # count towards our peak memory: the network's config and first weights, a batch of draws.
         check = dict(model_config=trainer.model_config, method=trainer.method, memory_format=args.memory_format,
                      state={k: v.detach().cpu().clone() for k, v in trainer.model.net.state_dict().items()},
-                     batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in draw_batch(trainer, 0)])
+                     batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in draw_batch(trainer, 0)[:5]])
         flops = {} if args.no_flops else attempt(errors, "flops", lambda: model_flops(trainer)) or {}
         figures = attempt(errors, "ours", lambda: measure(lambda i: train_step(trainer, i), trainer.device,
                                                           args.warmup, args.steps, cfg["batch_size"]))

@@ -5,8 +5,15 @@ Notation follows the paper:
     v = e - x                  conditional velocity dz/dt (the loss uses it for the marginal v(z, t))
     u(z, t, h)                 average velocity over [r, t], with h = t - r >= 0
     MeanFlow identity          u = v - (t - r) du/dt,   du/dt = v . d_z u + d_t u
-The network is any callable ``net(z, t, h, aug_cond=None) -> u`` with ``t``, ``h`` of shape [B].
+The network is any callable ``net(z, t, h, aug_cond=None) -> u`` with ``t``, ``h`` of shape [B];
+a class-conditional one also takes ``class_labels=``, one-hot rows [B, num_classes] (EDM's label
+input). The null class, "no label" (the unconditional model of classifier-free guidance), is the
+all-zero row: ``one_hot`` never makes it, ``is_null`` recognises it, and label dropout multiplies
+rows by zero. Guidance (paper Sec. 4.2) is built into the training target, so sampling stays one
+network evaluation per step; see docs/guidance.md.
 """
+
+import math
 
 import torch
 
@@ -21,6 +28,16 @@ AUTOCAST_DTYPES = (None, torch.bfloat16)
 def _broadcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1] so that a per-sample scalar multiplies a [B, ...] tensor."""
     return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))
+
+
+def one_hot(indices: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Class indices [B] in 0..num_classes-1 -> the network's class_labels [B, num_classes]."""
+    return torch.nn.functional.one_hot(torch.as_tensor(indices).long(), num_classes).to(dtype)
+
+
+def is_null(class_labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the rows of class_labels [B, num_classes] that are the null class (all zero)."""
+    return class_labels.eq(0).all(dim=1)
 
 
 def _get_rng_state(device: torch.device) -> tuple:
@@ -43,12 +60,14 @@ def u_and_dudt(
     v: torch.Tensor,
     aug_cond: torch.Tensor | None = None,
     *,
+    class_labels: torch.Tensor | None = None,
     jvp_mode: str = "joint",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The network output u(z, t, t - r) and its total derivative along the path, du/dt.
 
     du/dt is the Jacobian-vector product of (z, t, r) -> u with tangent (v, 1, 0).
-    z, v: [B, ...]; t, r: [B]. Returns (u, dudt), both [B, ...].
+    z, v: [B, ...]; t, r: [B]. Returns (u, dudt), both [B, ...]. class_labels ([B, num_classes])
+    reach the network when given, like aug_cond, and carry no tangent.
 
     jvp_mode "joint": one ``torch.func.jvp`` returns both; u carries the graph for backward.
         Fastest, and the mode to use under ``torch.compile``; run eagerly, its backward graph
@@ -67,8 +86,10 @@ def u_and_dudt(
     if jvp_mode not in JVP_MODES:
         raise ValueError(f"unknown jvp_mode {jvp_mode!r}: use one of {JVP_MODES}")
 
+    labels = {} if class_labels is None else dict(class_labels=class_labels)
+
     def u_fn(z_, t_, r_):
-        return net(z_, t_, t_ - r_, aug_cond=aug_cond)
+        return net(z_, t_, t_ - r_, aug_cond=aug_cond, **labels)
 
     if jvp_mode == "network":
         if not isinstance(net, SongUNet):
@@ -76,7 +97,7 @@ def u_and_dudt(
                              f"{type(net).__name__}: use 'joint' or 'split'")
         # Tangents (v, 1, 0) of (z, t, r) give h = t - r the tangent 1.
         ones = torch.ones_like(t)
-        return forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug_cond)
+        return forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug_cond, class_labels=class_labels)
 
     primals = (z, t, r)
     tangents = (v, torch.ones_like(t), torch.zeros_like(r))
@@ -112,6 +133,12 @@ class MeanFlow:
     autocast: None (the network runs in x's dtype) or torch.bfloat16:
         the network's forward and tangent then run under ``torch.autocast`` with it, and u and
         du/dt are cast back to float32 before the target, the error and the weighting.
+    cfg_omega, cfg_kappa: guidance of a class-conditional loss. Labelled samples train towards
+        v_tilde = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) in place
+        of v (both u without gradient, the network in eval mode); omega = 1, kappa = 0 is no guidance.
+    cfg_t_start, cfg_t_end: guidance applies where cfg_t_start <= t <= cfg_t_end (else omega = 1, kappa = 0).
+    label_dropout: probability that a sample's label is replaced by the null class; such samples,
+        like any given with the null label, train the unconditional velocity (target v).
     """
 
     def __init__(
@@ -127,6 +154,11 @@ class MeanFlow:
         norm_eps: float = 1e-3,
         jvp_mode: str = "joint",
         autocast: torch.dtype | None = None,
+        cfg_omega: float = 1.0,
+        cfg_kappa: float = 0.0,
+        cfg_t_start: float = 0.0,
+        cfg_t_end: float = 1.0,
+        label_dropout: float = 0.0,
     ):
         if tr_sampler not in TR_SAMPLERS:
             raise ValueError(f"unknown tr_sampler {tr_sampler!r}: use one of {TR_SAMPLERS}")
@@ -144,6 +176,18 @@ class MeanFlow:
         for name, std in (("P_std_t", P_std_t), ("P_std_r", P_std_r)):
             if not std >= 0.0:
                 raise ValueError(f"{name}={std} is a standard deviation: use a value >= 0")
+        for name, value in (("cfg_omega", cfg_omega), ("cfg_kappa", cfg_kappa)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={value} must be a finite number")
+        if not cfg_kappa >= 0.0:
+            raise ValueError(f"cfg_kappa={cfg_kappa} must be >= 0")
+        if not 0.0 <= cfg_t_start <= cfg_t_end <= 1.0:
+            raise ValueError(f"guidance interval [{cfg_t_start}, {cfg_t_end}]: use 0 <= cfg_t_start <= cfg_t_end <= 1")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout={label_dropout} is a probability: use a value in [0, 1)")
+        if cfg_omega + cfg_kappa != 1.0 and label_dropout == 0.0:
+            raise ValueError(f"guidance with cfg_omega={cfg_omega}, cfg_kappa={cfg_kappa} uses the unconditional "
+                             f"velocity, which only label_dropout > 0 trains: set label_dropout (e.g. 0.1)")
         self.tr_sampler = tr_sampler
         self.P_mean_t, self.P_std_t = float(P_mean_t), float(P_std_t)
         self.P_mean_r, self.P_std_r = float(P_mean_r), float(P_std_r)
@@ -151,6 +195,14 @@ class MeanFlow:
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.jvp_mode = jvp_mode
         self.autocast = autocast
+        self.cfg_omega, self.cfg_kappa = float(cfg_omega), float(cfg_kappa)
+        self.cfg_t_start, self.cfg_t_end = float(cfg_t_start), float(cfg_t_end)
+        self.label_dropout = float(label_dropout)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the target of labelled samples differs from v (extra network forwards)."""
+        return self.cfg_omega != 1.0 or self.cfg_kappa != 0.0
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -177,15 +229,58 @@ class MeanFlow:
             r = torch.minimum(t, torch.where(tie, t, r))
         return t, r
 
+    def sample_drop(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[batch_size] bool, each True with probability label_dropout: the labels to replace by the null class.
+
+        One uniform per sample (a Bernoulli per sample, where the JAX release drops a Binomial
+        number of leading rows): the same rows whatever the number of processes sharing a batch.
+        """
+        return torch.rand(batch_size, device=device, dtype=torch.float32, generator=generator) < self.label_dropout
+
+    # Eager also under torch.compile: it flips the network's train/eval mode, on which compiled graphs specialise.
+    @torch.compiler.disable
+    def guided_velocity(self, net, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
+                        class_labels: torch.Tensor, aug_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """v_tilde = omega v + kappa u(z, t, 0 | c) + (1 - omega - kappa) u(z, t, 0 | null), [B, ...].
+
+        u(., t, h = 0) is the instantaneous velocity; both network terms are evaluated without
+        gradient and, for a torch module, in eval mode (no dropout), and only when their
+        coefficient is not zero. Outside [cfg_t_start, cfg_t_end] omega = 1 and kappa = 0.
+        Rows whose label is null are returned as they are computed here; ``loss`` uses v for them.
+        """
+        inside = _broadcast((t >= self.cfg_t_start) & (t <= self.cfg_t_end), v)
+        omega = torch.where(inside, v.new_tensor(self.cfg_omega), 1.0)
+        kappa = torch.where(inside, v.new_tensor(self.cfg_kappa), 0.0)
+        v_tilde = omega * v
+        h = torch.zeros_like(t)
+        was_training = isinstance(net, torch.nn.Module) and net.training
+        try:
+            if was_training:
+                net.eval()
+            with torch.no_grad():
+                if self.cfg_kappa != 0.0:
+                    v_tilde = v_tilde + kappa * net(z, t, h, aug_cond=aug_cond, class_labels=class_labels).to(v.dtype)
+                if self.cfg_omega + self.cfg_kappa != 1.0:
+                    u_null = net(z, t, h, aug_cond=aug_cond, class_labels=torch.zeros_like(class_labels))
+                    v_tilde = v_tilde + (1 - omega - kappa) * u_null.to(v.dtype)
+        finally:
+            if was_training:
+                net.train()
+        return v_tilde
+
     def loss(
         self,
         net,
         x: torch.Tensor,
         aug_cond: torch.Tensor | None = None,
         *,
+        class_labels: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         r: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Batch-mean MeanFlow loss, a 0-dim tensor.
@@ -193,6 +288,10 @@ class MeanFlow:
         x: [B, ...] data; aug_cond is passed to the network unchanged. noise ([B, ...]) and t, r
         ([B], t >= r, given together) are used as they are when given; otherwise noise and then
         (t, r) are drawn from ``generator`` (dropout inside ``net`` uses the global RNG).
+        class_labels: [B, num_classes] one-hot, or None for an unconditional network. drop ([B]
+        bool): the labels replaced by the null class; when None and label_dropout > 0 it is drawn
+        from ``generator`` after the noise and (t, r) (``sample_drop``). Null-labelled samples
+        train towards v, the others towards the guided velocity (``guided_velocity``).
         Computed in float32 (float64 if x is float64) with an outer autocast disabled: the
         target subtracts (t - r) du/dt from v, which half precision would swamp. Only the
         network's own arithmetic runs in low precision, and only when ``autocast`` is set.
@@ -215,6 +314,8 @@ class MeanFlow:
         t = t.to(device=x.device, dtype=dtype)
         r = r.to(device=x.device, dtype=dtype)
         noise = noise.to(dtype)
+        if class_labels is not None:
+            class_labels = self._dropped_labels(class_labels, drop, batch, generator)
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = (1 - _broadcast(t, x)) * x + _broadcast(t, x) * noise
@@ -223,13 +324,31 @@ class MeanFlow:
             # by the forward that follows, which then had no path back to the weight (pytorch#65766).
             with torch.autocast(device_type=x.device.type, dtype=self.autocast, enabled=self.autocast is not None,
                                 cache_enabled=False):
-                u, dudt = u_and_dudt(net, z, t, r, v, aug_cond, jvp_mode=self.jvp_mode)
+                if class_labels is not None and self.guided:
+                    # Dropped (null) samples keep v: they train the unconditional velocity the guidance uses.
+                    v_tilde = self.guided_velocity(net, z, t, v, class_labels, aug_cond)
+                    v = torch.where(_broadcast(is_null(class_labels), v), v, v_tilde)
+                u, dudt = u_and_dudt(net, z, t, r, v, aug_cond, class_labels=class_labels, jvp_mode=self.jvp_mode)
             u, dudt = u.to(dtype), dudt.to(dtype)
             u_tgt = (v - _broadcast(t - r, x) * dudt).detach()
             err = (u - u_tgt).square().reshape(batch, -1).sum(dim=1)
             # Adaptive weighting: dividing by (err + eps)^p turns the L2 loss into roughly ||.||^(2 - 2p).
             weight = (err.detach() + self.norm_eps).pow(self.norm_p)
             return (err / weight).mean()
+
+
+    def _dropped_labels(self, class_labels: torch.Tensor, drop: torch.Tensor | None, batch: int,
+                        generator: torch.Generator | None) -> torch.Tensor:
+        """class_labels [B, num_classes] with the rows of `drop` (drawn when None) set to the null class."""
+        if class_labels.dim() != 2 or class_labels.shape[0] != batch:
+            raise ValueError(f"class_labels must have shape [{batch}, num_classes], got {tuple(class_labels.shape)}")
+        if drop is None:
+            if self.label_dropout == 0.0:
+                return class_labels
+            drop = self.sample_drop(batch, device=class_labels.device, generator=generator)
+        elif tuple(drop.shape) != (batch,):
+            raise ValueError(f"drop must have shape [{batch}], got {tuple(drop.shape)}")
+        return class_labels * (~drop.to(class_labels.device, torch.bool))[:, None].to(class_labels.dtype)
 
 
 def _check_given_times(t: torch.Tensor, r: torch.Tensor, batch: int) -> None:
@@ -257,22 +376,25 @@ def _check_given_times(t: torch.Tensor, r: torch.Tensor, batch: int) -> None:
 
 
 @torch.no_grad()
-def sample(net, noise: torch.Tensor, steps: int = 1, aug_cond: torch.Tensor | None = None) -> torch.Tensor:
+def sample(net, noise: torch.Tensor, steps: int = 1, aug_cond: torch.Tensor | None = None,
+           class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Generate data from noise with ``steps`` average-velocity jumps; returns z at t = 0.
 
     noise: [B, ...] (e ~ N(0, I), i.e. z at t = 1). Walks the uniform grid 1 = t_0 > ... > t_N = 0
     with z_r = z_t - (t - r) u(z_t, t, t - r); steps = 1 is x = z_1 - u(z_1, 1, 1).
-    Put ``net`` in eval mode first if it has dropout.
+    class_labels: [B, num_classes] one-hot for a class-conditional network (guidance, if it was
+    trained with any, is already in the network). Put ``net`` in eval mode first if it has dropout.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an integer >= 1")
     if noise.dim() < 1:
         raise ValueError(f"noise must have a batch dimension, got shape {tuple(noise.shape)}")
+    labels = {} if class_labels is None else dict(class_labels=class_labels.to(noise.dtype))
     z = noise
     batch = noise.shape[0]
     for i in range(steps):
         t = torch.full((batch,), 1.0 - i / steps, device=noise.device, dtype=noise.dtype)
         r = torch.full((batch,), 1.0 - (i + 1) / steps, device=noise.device, dtype=noise.dtype)
         h = t - r
-        z = z - _broadcast(h, z) * net(z, t, h, aug_cond=aug_cond)
+        z = z - _broadcast(h, z) * net(z, t, h, aug_cond=aug_cond, **labels)
     return z

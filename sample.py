@@ -3,7 +3,11 @@
     python sample.py --ckpt output/digits/checkpoint-last.pth --num_samples 64 --grid samples.png
     torchrun --nproc_per_node 8 sample.py --ckpt model.pth --num_samples 50000 --ema net_ema1 --out samples.npz
 
-The .npz holds N x H x W x C uint8 images under ``arr_0`` (the ADM/EDM evaluators' format). Sample i
+    python sample.py --ckpt output/digits-cond/checkpoint-last.pth --num_samples 200 --out s.npz --grid g.png
+
+The .npz holds N x H x W x C uint8 images under ``arr_0`` (the ADM/EDM evaluators' format), and for a
+class-conditional checkpoint their class indices under ``arr_1`` (the ADM convention): sample i takes
+``--class_labels[i % K]``, by default class i % num_classes (balanced); its grid has one row per class. Sample i
 comes from noise seeded by (seed, i), so the noise does not depend on batch size or process count
 (the images are then equal up to the floating-point differences of kernels chosen per batch size).
 """
@@ -22,7 +26,7 @@ from PIL import Image
 from utils.checkpoint import atomic_write, load_network
 from utils.distributed import cleanup, init_distributed
 from utils.errors import UserFileError, UserValueError, exit_on_user_error
-from utils.sampling import generate, shard
+from utils.sampling import class_indices, generate, shard
 
 
 def load_model(
@@ -48,16 +52,19 @@ def sample_images(
     device: str | torch.device = "cpu",
     env=None,
     progress: bool = False,
+    classes=None,
 ) -> torch.Tensor:
     """uint8 [N, C, H, W] samples 0..N-1 of ``net``; with ``env`` (a DistEnv) each rank draws its share
-    and rank 0 returns all of them (the other ranks return their own share)."""
+    and rank 0 returns all of them (the other ranks return their own share). classes: see
+    ``utils.sampling.class_indices`` (sample i of a class-conditional net takes classes[i % K])."""
     from tqdm.auto import tqdm
 
     indices = shard(num_samples, env)
     parts = []
     with tqdm(total=len(indices), desc=f"{steps}-step samples", unit="img", disable=not progress) as bar:
         for batch, images in generate(
-            net, indices, seed=seed, img_shape=img_shape, steps=steps, batch_size=batch_size, device=device
+            net, indices, seed=seed, img_shape=img_shape, steps=steps, batch_size=batch_size, device=device,
+            classes=classes,
         ):
             parts.append(images.cpu())
             bar.update(len(batch))
@@ -91,10 +98,21 @@ def image_grid(images: torch.Tensor, *, nrow: int | None = None, min_cell: int =
     return Image.fromarray(grid.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def save_npz(path: str, images: torch.Tensor) -> None:
-    """Write uint8 [N, C, H, W] as N x H x W x C under ``arr_0``, atomically."""
-    array = images.permute(0, 2, 3, 1).contiguous().numpy()
-    atomic_write(path, lambda f: np.savez(f, arr_0=array), what="samples")
+def save_npz(path: str, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """Write uint8 [N, C, H, W] as N x H x W x C under ``arr_0`` and class indices [N] under ``arr_1``, atomically."""
+    arrays = dict(arr_0=images.permute(0, 2, 3, 1).contiguous().numpy())
+    if labels is not None:
+        arrays["arr_1"] = labels.numpy()
+    atomic_write(path, lambda f: np.savez(f, **arrays), what="samples")
+
+
+def class_rows(images: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """(images of about ``count`` samples, one row per requested class in order of first appearance;
+    images per row): every row as long as that of the rarest class."""
+    classes = list(dict.fromkeys(labels.tolist()))
+    per_class = [images[labels == c] for c in classes]
+    per_row = max(1, min(min(len(p) for p in per_class), count // len(classes)))
+    return torch.cat([p[:per_row] for p in per_class]), per_row
 
 
 def parse_model_config(text: str | None) -> dict | None:
@@ -136,8 +154,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema", default="net_ema", help="network in the checkpoint: net, net_ema, net_ema1, ...")
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
     p.add_argument("--out", default=None, help="output .npz (uint8 N x H x W x C under arr_0)")
-    p.add_argument("--grid", default=None, help="output PNG with a grid of the first --grid_count images")
+    p.add_argument("--grid", default=None, help="output PNG with a grid of the first --grid_count images "
+                   "(class-conditional: one row per class)")
     p.add_argument("--grid_count", type=int, default=100, help="images in the grid")
+    p.add_argument("--class_labels", type=int, nargs="+", default=None, metavar="K",
+                   help="class-conditional checkpoints: sample i takes class K[i %% len(K)] "
+                   "(default: i %% num_classes, all classes equally often)")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass and process")
     p.add_argument("--model_config", default=None,
                    help="SongUNet kwargs as JSON (or a JSON file) for checkpoints without a stored config; "
@@ -151,10 +173,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def save_grid(path: str, images: torch.Tensor) -> None:
-    """Write ``image_grid(images)`` to ``path``; the format follows the file extension (PNG, JPEG, ...)."""
+def save_grid(path: str, images: torch.Tensor, nrow: int | None = None) -> None:
+    """Write ``image_grid(images, nrow=nrow)`` to ``path``; the format follows the file extension (PNG, JPEG, ...)."""
     try:
-        image_grid(images).save(path)
+        image_grid(images, nrow=nrow).save(path)
     except ValueError as err:  # PIL: an extension it has no writer for
         raise UserFileError(f"cannot write the grid {path} ({err}); give --grid a name ending in .png") from err
 
@@ -165,17 +187,26 @@ def main(argv=None) -> None:
     try:
         net, shape = load_model(args.ckpt, ema=args.ema, model_config=parse_model_config(args.model_config),
                                 device=env.device)
+        try:
+            labels = class_indices(net, torch.arange(args.num_samples), args.class_labels)
+        except ValueError as err:
+            raise UserValueError(f"--class_labels: {err}") from err
         images = sample_images(
             net, num_samples=args.num_samples, img_shape=shape, seed=args.seed, steps=args.steps,
             batch_size=args.batch_size, device=env.device, env=env, progress=env.rank == 0,
+            classes=args.class_labels,
         )
         if env.rank == 0:
             if args.out:
-                save_npz(args.out, images)
-                print(f"wrote {images.shape[0]} images {tuple(images.shape[1:])} to {args.out}")
+                save_npz(args.out, images, labels)
+                print(f"wrote {images.shape[0]} images {tuple(images.shape[1:])} to {args.out}"
+                      + ("" if labels is None else f", their classes under arr_1"))
             if args.grid:
-                save_grid(args.grid, images[: args.grid_count])
-                print(f"wrote a grid of {min(args.grid_count, images.shape[0])} images to {args.grid}")
+                grid, nrow = images[: args.grid_count], None
+                if labels is not None:
+                    grid, nrow = class_rows(images, labels, args.grid_count)
+                save_grid(args.grid, grid, nrow=nrow)
+                print(f"wrote a grid of {grid.shape[0]} images to {args.grid}")
     finally:
         cleanup()
 

@@ -47,6 +47,7 @@ DEFAULTS = dict(
     model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
     ema_period=16, jvp_mode="joint", cpu_threads=0, precision="tf32",
     max_rollbacks=3, spike_factor=0.0, fault_nan_at=None,
+    class_cond=False, cfg_omega=1.0, cfg_kappa=0.0, cfg_t_start=0.0, cfg_t_end=1.0, label_dropout=0.1,
 )
 
 _CIFAR10_RELEASE = dict(
@@ -83,6 +84,10 @@ PRESETS = {
         output_dir="./output/tiny",
     ),
 }
+# The quickstart, class-conditional with the paper's guidance (omega 1, kappa 0.5: effective scale
+# omega / (1 - kappa) = 2, the authors' default); two extra forwards per step.
+PRESETS["digits-cond"] = dict(PRESETS["digits"], class_cond=True, cfg_omega=1.0, cfg_kappa=0.5, label_dropout=0.1,
+                              output_dir="./output/digits-cond")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -103,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ignored = "accepted for compatibility with the release; ignored: "
     g = p.add_argument_group("presets and run length")
     g.add_argument("--preset", choices=sorted(PRESETS), help="named settings: cifar10-v0/-v1 (the release's "
-                   "launchers), digits (CPU quickstart), tiny (tests)")
+                   "launchers), digits (CPU quickstart), digits-cond (the same, class-conditional), tiny (tests)")
     add("--epochs", type=int, help="training length in epochs of the global batch")
     add("--max_steps", type=int, help="training length in optimizer steps; overrides --epochs")
     add("--test_run", action="store_true", help="one training step, then one batch of evaluation; saves no checkpoint")
@@ -129,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--jvp_mode", choices=list(meanflow.JVP_MODES), help="joint: one jvp gives u and du/dt (best compiled); "
         "split: du/dt from a no-grad jvp plus a forward for u (less memory without compile); network: the "
         "network's hand-written tangent path, without forward AD's convolutions against zero weight tangents")
+
+    g = p.add_argument_group("class-conditional training and guidance (docs/guidance.md)")
+    add("--class_cond", action="store_true", help="condition the network on the dataset's class labels")
+    add("--cfg_omega", type=float, help="guidance: weight of v in the target v_tilde (1 with kappa 0: none)")
+    add("--cfg_kappa", type=float, help="guidance: weight of the conditional u(z, t, t | c) in v_tilde")
+    add("--cfg_t_start", type=float, help="guidance applies for cfg_t_start <= t <= cfg_t_end")
+    add("--cfg_t_end", type=float, help="see --cfg_t_start")
+    add("--label_dropout", type=float, help="probability of training a sample with the null class (unconditional)")
 
     g = p.add_argument_group("network")
     add("--arch", choices=["unet"], help="architecture (SongUNet / DDPM++)")
@@ -246,14 +259,20 @@ def validate(cfg: dict) -> None:
          "Inception FID is for 32x32 RGB data; digits runs report a classifier-based quality figure instead")
     need(cfg["dist_url"] == "env://" or cfg["dist_url"].startswith("tcp://"), "dist_url",
          "use env:// or tcp://HOST:PORT")
-    # MeanFlow checks its own arguments (ratio, stds, sampler); build it once to fail before any work.
+    if not cfg["class_cond"]:
+        for flag in ("cfg_omega", "cfg_kappa"):
+            need(cfg[flag] == DEFAULTS[flag], flag, "guidance needs --class_cond")
+    # MeanFlow checks its own arguments (ratio, stds, sampler, guidance); build it once to fail before any work.
     make_method(cfg)
 
 
 def make_method(cfg: dict) -> meanflow.MeanFlow:
     keys = ("tr_sampler", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r", "ratio", "norm_p", "norm_eps", "jvp_mode")
     autocast = torch.bfloat16 if cfg["precision"] == "bf16" else None
-    return meanflow.MeanFlow(**{k: cfg[k] for k in keys}, autocast=autocast)
+    guidance = {}
+    if cfg["class_cond"]:
+        guidance = {k: cfg[k] for k in ("cfg_omega", "cfg_kappa", "cfg_t_start", "cfg_t_end", "label_dropout")}
+    return meanflow.MeanFlow(**{k: cfg[k] for k in keys}, autocast=autocast, **guidance)
 
 
 def unet_config(cfg: dict, img_shape: tuple[int, int, int]) -> dict:
@@ -262,7 +281,8 @@ def unet_config(cfg: dict, img_shape: tuple[int, int, int]) -> dict:
     return dict(CIFAR10_CONFIG, img_resolution=resolution, in_channels=channels, out_channels=channels,
                 model_channels=cfg["model_channels"], channel_mult=list(cfg["channel_mult"]),
                 num_blocks=cfg["num_blocks"], attn_resolutions=list(cfg["attn_resolutions"]),
-                dropout=cfg["dropout"], augment_dim=6 if cfg["use_edm_aug"] else 0)
+                dropout=cfg["dropout"], augment_dim=6 if cfg["use_edm_aug"] else 0,
+                label_dim=data_utils.dataset_info(cfg["dataset"]).num_classes if cfg["class_cond"] else 0)
 
 
 def apply_launcher_env(cfg: dict) -> None:
@@ -290,12 +310,15 @@ def make_trainer(cfg: dict, env: DistEnv, images: torch.Tensor | None = None, **
     options: build_trainer's benchmark switches (compile_mode, fused_adam)."""
     if images is None:
         images = load_training_images(cfg["dataset"], data_path=cfg["data_path"], env=env)
+    labels = None
+    if cfg["class_cond"]:  # read after the images, which downloaded the dataset if needed
+        labels = data_utils.load_labels(cfg["dataset"], data_path=cfg["data_path"], download=False)
     return build_trainer(
         images=images, env=env, model_config=unet_config(cfg, tuple(images.shape[1:])), method=make_method(cfg),
         seed=cfg["seed"], batch_size=cfg["batch_size"], lr=cfg["lr"], betas=cfg["optimizer_betas"],
         warmup_epochs=cfg["warmup_epochs"], ema_decays=(cfg["ema_decay"], *cfg["ema_decays"]),
         ema_period=cfg["ema_period"], flip=data_utils.dataset_info(cfg["dataset"]).flip,
-        augment=cfg["use_edm_aug"], compile=cfg["compile"], **options)
+        augment=cfg["use_edm_aug"], compile=cfg["compile"], labels=labels, **options)
 
 
 # --------------------------------------------------------------------------- main

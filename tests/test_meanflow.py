@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 import meanflow
-from meanflow import MeanFlow
+from meanflow import JVP_MODES, MeanFlow
+from models.unet import SongUNet
 
 
 class ToyMLP(torch.nn.Module):
@@ -404,3 +405,165 @@ def test_bad_loss_and_sample_arguments():
         MeanFlow().loss(net, x, noise=torch.randn(3, 5))
     with pytest.raises(ValueError, match="steps=0"):
         meanflow.sample(net, x, steps=0)
+
+
+# ---------------------------------------------------------------- class labels and guidance
+
+
+class ToyCondMLP(ToyMLP):
+    """ToyMLP with one-hot class labels [B, K] concatenated to its input (all zero: the null class)."""
+
+    def __init__(self, num_classes: int, dim: int = 2, width: int = 64, dropout: float = 0.0):
+        super().__init__(dim=dim + num_classes, width=width, dropout=dropout)
+        self.body[-1] = torch.nn.Linear(width, dim)
+
+    def forward(self, z, t, h, aug_cond=None, class_labels=None):
+        return self.body(torch.cat([z, class_labels.to(z.dtype), t[:, None], h[:, None]], dim=1))
+
+
+def _small_cond_unet(label_dim=3):
+    torch.manual_seed(0)
+    return SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=label_dim, model_channels=8,
+                    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0).double()
+
+
+@pytest.mark.parametrize("jvp_mode", JVP_MODES)
+def test_no_guidance_is_the_plain_loss_with_labels_passed_through(jvp_mode):
+    """omega = 1, kappa = 0: the loss of a network with the labels bound in, and no extra forward."""
+    net = _small_cond_unet()
+    calls = []  # the label layer runs once per network pass, also on the hand-written tangent path
+    net.map_label.register_forward_pre_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    x, noise = (torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t, r = MeanFlow().sample_t_r(6, generator=g)
+    labels = meanflow.one_hot(torch.tensor([0, 1, 2, 2, 1, 0]), 3, dtype=torch.float64)
+    given = dict(noise=noise, t=t, r=r)
+    keep_all = torch.zeros(6, dtype=torch.bool)
+    loss = MeanFlow(jvp_mode=jvp_mode, label_dropout=0.1).loss(net, x, class_labels=labels, drop=keep_all, **given)
+    labelled_calls = len(calls)
+
+    def bound(z, t_, h, aug_cond=None):
+        return net(z, t_, h, aug_cond=aug_cond, class_labels=labels)
+
+    reference = MeanFlow(jvp_mode="joint").loss(bound, x, **given)
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=0)
+    assert labelled_calls == {"joint": 1, "split": 2, "network": 1}[jvp_mode]
+
+
+def _analytic_net(A):
+    """u(z, t, h | c) = z (1 + t^2 + h/2) + c A, float64 vectors: du/dt = v (1 + t^2 + h/2) + z (2t + 1/2)."""
+    def net(z, t, h, aug_cond=None, class_labels=None):
+        return z * (1 + t**2 + 0.5 * h)[:, None] + class_labels @ A
+    return net
+
+
+@pytest.mark.parametrize("jvp_mode", ["joint", "split"])
+@pytest.mark.parametrize("omega, kappa", [(1.5, 0.0), (1.0, 0.4), (2.0, 0.3)])
+def test_guided_target_is_the_formula(jvp_mode, omega, kappa):
+    """The loss equals a direct float64 computation of v_tilde, the JVP along (v_tilde, 1, 0), the target
+    v_tilde - (t - r) du/dt, with dropped rows on v and the guidance interval [0.25, 0.85]."""
+    g = torch.Generator().manual_seed(3)
+    d = torch.float64
+    A = torch.randn(3, 4, generator=g, dtype=d)
+    net = _analytic_net(A)
+    x, e = torch.randn(8, 4, generator=g, dtype=d), torch.randn(8, 4, generator=g, dtype=d)
+    t = torch.tensor([0.9, 0.8, 0.5, 0.3, 0.2, 0.6, 0.95, 0.4], dtype=d)
+    r = torch.tensor([0.1, 0.8, 0.1, 0.0, 0.2, 0.3, 0.5, 0.1], dtype=d)
+    c = meanflow.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), 3, dtype=d)
+    drop = torch.tensor([False, False, True, False, False, True, False, False])
+    mf = MeanFlow(jvp_mode=jvp_mode, cfg_omega=omega, cfg_kappa=kappa, cfg_t_start=0.25, cfg_t_end=0.85,
+                  label_dropout=0.1, norm_p=0.75, norm_eps=1e-3)
+    loss = mf.loss(net, x, class_labels=c, noise=e, t=t, r=r, drop=drop)
+
+    tb, hb = t[:, None], (t - r)[:, None]
+    z, v = (1 - tb) * x + tb * e, e - x
+    c_in = c * (~drop)[:, None]
+    inside = ((t >= 0.25) & (t <= 0.85))[:, None]
+    w, k = (torch.where(inside, torch.tensor(a, dtype=d), b) for a, b in ((omega, 1.0), (kappa, 0.0)))
+    u_cond = z * (1 + tb**2) + c_in @ A
+    u_null = z * (1 + tb**2)
+    v_tilde = torch.where(drop[:, None], v, w * v + k * u_cond + (1 - w - k) * u_null)
+    u = z * (1 + tb**2 + 0.5 * hb) + c_in @ A
+    dudt = v_tilde * (1 + tb**2 + 0.5 * hb) + z * (2 * tb + 0.5)
+    err = (u - (v_tilde - hb * dudt)).square().sum(dim=1)
+    expected = (err / (err + 1e-3) ** 0.75).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_guidance_forwards_run_in_eval_mode_without_gradient():
+    torch.manual_seed(0)
+    net = ToyCondMLP(num_classes=3, dropout=0.5).double().train()
+    z, v = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64)
+    c = meanflow.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3, dtype=torch.float64)
+    mf = MeanFlow(cfg_omega=2.0, cfg_kappa=0.5, label_dropout=0.1)
+    v_tilde = mf.guided_velocity(net, z, t, v, c)
+    assert net.training and not v_tilde.requires_grad
+    net.eval()
+    h = torch.zeros_like(t)
+    expected = 2.0 * v + 0.5 * net(z, t, h, class_labels=c) - 1.5 * net(z, t, h, class_labels=torch.zeros_like(c))
+    torch.testing.assert_close(v_tilde, expected, rtol=1e-12, atol=0)
+
+
+def test_label_dropout_rate_draw_order_and_null_class():
+    mf = MeanFlow(label_dropout=0.1)
+    drop = mf.sample_drop(200_000, generator=torch.Generator().manual_seed(0))
+    assert drop.dtype == torch.bool and abs(drop.double().mean().item() - 0.1) < 0.003
+    assert meanflow.is_null(torch.zeros(2, 10)).all() and not meanflow.is_null(meanflow.one_hot(torch.arange(10), 10)).any()
+
+    # Drawn from the generator after the noise and (t, r).
+    torch.manual_seed(0)
+    net = ToyCondMLP(num_classes=3).double()
+    x = torch.randn(64, 2, dtype=torch.float64)
+    c = meanflow.one_hot(torch.arange(64) % 3, 3, dtype=torch.float64)
+    guided = MeanFlow(cfg_omega=2.0, label_dropout=0.3)
+    drawn = guided.loss(net, x, class_labels=c, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    t, r = guided.sample_t_r(64, generator=g)
+    drop = guided.sample_drop(64, generator=g)
+    assert 5 < drop.sum() < 35
+    given = dict(noise=noise, t=t, r=r)
+    torch.testing.assert_close(drawn, guided.loss(net, x, class_labels=c, drop=drop, **given), rtol=0, atol=0)
+    # A dropped sample is a sample given the null label; both train the unconditional velocity (target v).
+    nulled = c * (~drop)[:, None]
+    torch.testing.assert_close(drawn, guided.loss(net, x, class_labels=nulled, drop=torch.zeros_like(drop), **given),
+                               rtol=0, atol=0)
+    all_null = torch.zeros_like(c)
+    plain = MeanFlow(label_dropout=0.3).loss(net, x, class_labels=all_null, drop=torch.zeros_like(drop), **given)
+    torch.testing.assert_close(guided.loss(net, x, class_labels=all_null, **given, drop=drop), plain, rtol=0, atol=0)
+
+
+def _mixture(labels, generator, num_classes=4):
+    """Class k: a Gaussian (std 0.6) centred at angle 2 pi k / num_classes on a circle of radius 1.5."""
+    angle = labels.double() * (2 * math.pi / num_classes)
+    centres = 1.5 * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return (centres + 0.6 * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)).float(), centres
+
+
+def test_guided_one_step_samples_land_in_their_class_component():
+    """4 overlapping classes, one Gaussian each: 92% of data points are nearest their own centre.
+    1-step samples of a guided model (omega 2, kappa 0.5, label dropout 0.1, 600 Adam steps of
+    batch 256) asked for class k are nearest centre k at least 97% of the time (measured: 100%):
+    guidance pulls them into their class's component."""
+    torch.manual_seed(0)
+    net = ToyCondMLP(num_classes=4, width=96)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    mf = MeanFlow(cfg_omega=2.0, cfg_kappa=0.5, label_dropout=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(600):
+        k = torch.randint(0, 4, (256,), generator=g)
+        x, _ = _mixture(k, g)
+        loss = mf.loss(net, x, class_labels=meanflow.one_hot(k, 4), generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    k = torch.arange(2000) % 4
+    samples = meanflow.sample(net, torch.randn(2000, 2, generator=g), class_labels=meanflow.one_hot(k, 4))
+    _, centres = _mixture(torch.arange(4), g)
+    nearest = torch.cdist(samples.double(), centres).argmin(dim=1)
+    hit = (nearest == k).double().mean().item()
+    data, _ = _mixture(k, g)
+    data_hit = (torch.cdist(data.double(), centres).argmin(dim=1) == k).double().mean().item()
+    assert data_hit < 0.95 and hit >= 0.97, (data_hit, hit)

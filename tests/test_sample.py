@@ -182,3 +182,29 @@ def test_cli_programming_error_keeps_traceback(fixtures_dir, tmp_path):
                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert run.returncode != 0 and "Traceback" in run.stderr and "TypeError: a bug" in run.stderr, run.stderr
     assert "error: a bug" not in run.stderr
+
+
+def test_class_conditional_checkpoint_writes_labels_and_class_rows(tmp_path):
+    """Balanced labels (i % 10) under arr_1 by default, --class_labels cycled; sample i with label c is the
+    network's sample of class c from noise (seed, i); the grid has one row per class."""
+    from models.unet import SongUNet
+    config = dict(img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=4,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    torch.manual_seed(0)
+    net = SongUNet(**config).eval()
+    path = tmp_path / "cond.pth"
+    torch.save({"model": {f"net.{k}": v for k, v in net.state_dict().items()}, "model_config": config}, path)
+    common = ["--ckpt", str(path), "--num_samples", "25", "--device", "cpu", "--ema", "net"]
+    sample.main(common + ["--out", str(tmp_path / "a.npz"), "--grid", str(tmp_path / "g.png"), "--grid_count", "20"])
+    sample.main(common + ["--out", str(tmp_path / "b.npz"), "--class_labels", "3", "7"])
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["arr_1"].tolist() == [i % 10 for i in range(25)]
+    assert b["arr_1"].tolist() == [(3, 7)[i % 2] for i in range(25)]
+    noise = sample_noise(0, torch.tensor([3, 4]), (1, 8, 8))
+    expected = to_uint8(meanflow.sample(net, noise, class_labels=meanflow.one_hot(torch.tensor([3, 3]), 10)))
+    assert np.array_equal(a["arr_0"][3], expected[0].permute(1, 2, 0).numpy())
+    assert np.array_equal(b["arr_0"][4], expected[1].permute(1, 2, 0).numpy())
+    width, height = Image.open(tmp_path / "g.png").size
+    assert 4.5 * width < height < 5.5 * width  # 10 rows of 2
+    with pytest.raises(UserValueError, match="0..9"):
+        sample.main(common + ["--out", str(tmp_path / "c.npz"), "--class_labels", "10"])

@@ -494,3 +494,34 @@ def test_torch_jit_deprecation_is_hidden_whatever_its_category():
                 warnings.warn(f"`torch.jit.{name}` is deprecated. Please switch to `torch.compile`.", category)
         warnings.warn("`torch.other` is deprecated.", FutureWarning)
     assert [str(w.message) for w in seen] == ["`torch.other` is deprecated."]
+
+
+# --------------------------------------------------------------------------- class-conditional runs
+
+
+COND = ["--class_cond", "--cfg_omega", "1.0", "--cfg_kappa", "0.5", "--label_dropout", "0.3"]
+
+
+def test_class_conditional_run_resumes_exactly_and_is_world_size_invariant(tmp_path):
+    """Labels and their dropout are keyed draws: a stop and rerun continues exactly and two processes
+    train the weights of one with twice the batch (the tolerance of the unconditional test)."""
+    straight = tmp_path / "straight"
+    _train("--output_dir", str(straight), *COND)
+    ckpt = torch.load(straight / LAST, weights_only=True)
+    assert ckpt["model_config"]["label_dim"] == 10
+    resumed = tmp_path / "resumed"
+    _train("--output_dir", str(resumed), *COND, "--max_steps", "4")
+    _train("--output_dir", str(resumed), *COND)
+    assert _max_diff(_state(straight), _state(resumed)) <= 1e-6
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "train.py", *TINY, *COND, "--batch_size", "4", "--output_dir", str(two)]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _max_diff(_state(straight), _state(two)) <= 1e-6
+
+
+def test_guidance_flags_need_class_cond():
+    with pytest.raises(ValueError, match="--cfg_omega 2.0: guidance needs --class_cond"):
+        train.resolve_config(["--preset", "tiny", "--cfg_omega", "2.0"])
+    assert train.make_method(train.resolve_config(["--preset", "digits-cond"])).guided

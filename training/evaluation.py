@@ -9,8 +9,10 @@ from models.ema import EMAModel
 from training.services import Log
 from utils import data as data_utils
 from utils.distributed import DistEnv
+from utils.sampling import class_indices
 
 GRID_SIZE = 64  # samples per grid image
+GRID_COLUMNS = 8  # a class-conditional grid has one row of GRID_COLUMNS samples per class
 
 
 class Evaluator:
@@ -35,17 +37,27 @@ class Evaluator:
         self.fid_setup = None  # (Inception extractor, reference statistics), made at the first FID
         self.digits = None     # DigitsQuality, made at the first digits evaluation
 
+    def _labels(self, count: int) -> torch.Tensor | None:
+        """One-hot labels [count, num_classes] of samples 0..count-1 (sample i: class i % num_classes), or None."""
+        labels = class_indices(self.model.net, torch.arange(count))
+        return None if labels is None else meanflow.one_hot(labels, self.model.net.label_dim).to(self.env.device)
+
     @torch.no_grad()
     def __call__(self, step: int) -> dict:
         results = {}
-        grid_noise = torch.randn((GRID_SIZE, *self.img_shape),
+        num_classes = getattr(self.model.net, "label_dim", 0)
+        grid_size = num_classes * GRID_COLUMNS if num_classes else GRID_SIZE
+        grid_noise = torch.randn((grid_size, *self.img_shape),
                                  generator=data_utils.make_generator(self.seed, "grid")).to(self.env.device)
+        # Row k of the grid is class k: sample j of row k has index k + j * num_classes.
+        grid_labels = self._labels(grid_size)
+        order = torch.arange(grid_size).reshape(GRID_COLUMNS, -1).T.reshape(-1) if num_classes else slice(None)
         was_training = self.model.net.training
         self.model.net.eval()
         try:
             for name, net in self.model.networks().items():
                 if self.main:
-                    self._grid(name, meanflow.sample(net, grid_noise), step)
+                    self._grid(name, meanflow.sample(net, grid_noise, class_labels=grid_labels)[order], step)
                 if self.dataset == "digits" and self.main:
                     results[name] = self._digits(name, net, step)
                 if self.compute_fid:
@@ -56,7 +68,8 @@ class Evaluator:
 
     def _grid(self, name: str, samples: torch.Tensor, step: int) -> None:
         import torchvision.utils as vutils
-        grid = vutils.make_grid(((samples.float().cpu() + 1) / 2).clamp(0, 1), nrow=8, padding=1, pad_value=1.0)
+        grid = vutils.make_grid(((samples.float().cpu() + 1) / 2).clamp(0, 1), nrow=GRID_COLUMNS, padding=1,
+                                pad_value=1.0)
         if samples.shape[-1] < 16:  # 8x8 digits: enlarge, keeping the pixels sharp
             grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
         if self.out is not None:
@@ -75,11 +88,14 @@ class Evaluator:
                      f"confidence {real['confidence']:.3f}, classes {real['classes']:.2f}/10")
         noise = torch.randn((self.digits.count, *self.img_shape),
                             generator=data_utils.make_generator(self.seed, "quality")).to(self.env.device)
-        score = self.digits.score(meanflow.sample(net, noise))
+        labels = self._labels(self.digits.count)
+        requested = None if labels is None else labels.argmax(dim=1).cpu()
+        score = self.digits.score(meanflow.sample(net, noise, class_labels=labels), labels=requested)
         self.log(f"digits quality of {name} at step {step}, 1-step samples: FD {score['fd']:.2f}, "
-                 f"confidence {score['confidence']:.3f}, classes {score['classes']:.2f}/10")
+                 f"confidence {score['confidence']:.3f}, classes {score['classes']:.2f}/10"
+                 + (f", classified as their requested label {score['label_accuracy']:.1%}" if labels is not None else ""))
         if self.writer is not None:
-            for key in ("fd", "confidence", "classes"):
+            for key in [k for k in ("fd", "confidence", "classes", "label_accuracy") if k in score]:
                 self.writer.add_scalar(f"digits_{key}/{name}", score[key], step)
         return score
 

@@ -55,6 +55,7 @@ class Trainer:
     lr: float
     warmup_steps: int
     rollback: RollbackState = field(default_factory=RollbackState)
+    labels: torch.Tensor | None = None  # LongTensor [N], the class of each image, on the host; None: unconditional
 
     @property
     def device(self) -> torch.device:
@@ -77,13 +78,17 @@ def build_trainer(*, images: torch.Tensor, env: DistEnv, model_config: dict, met
                   seed: int = 0, batch_size: int = 64, lr: float = 6e-4, betas: Sequence[float] = (0.9, 0.999),
                   warmup_epochs: int = 200, ema_decays: Sequence[float] = (0.9999, 0.99995, 0.9996),
                   ema_period: int = 16, flip: bool = False, augment: bool = False, compile: bool = False,
-                  compile_mode: str | None = None, fused_adam: bool = False) -> Trainer:
+                  compile_mode: str | None = None, fused_adam: bool = False,
+                  labels: torch.Tensor | None = None) -> Trainer:
     """A Trainer with fresh weights drawn from `seed`, the same on every rank.
 
     images: uint8 [N, C, H, W] (moved to env.device). batch_size: rows per process.
     ema_decays: net_ema's decay first, then the extra copies'. compile_mode: torch.compile's mode
     (None: its default). fused_adam: Adam's fused implementation instead of torch's default.
+    labels: LongTensor [N] of the images' classes for a class-conditional network (model_config's label_dim > 0).
     """
+    if (labels is not None) != bool(model_config.get("label_dim")):
+        raise ValueError("pass labels exactly when the network is class-conditional (label_dim > 0)")
     global_batch = batch_size * env.world_size
     if global_batch > len(images):
         raise UserValueError(f"global batch {global_batch} (--batch_size {batch_size} x {env.world_size} "
@@ -105,7 +110,7 @@ def build_trainer(*, images: torch.Tensor, env: DistEnv, model_config: dict, met
                    optimizer=optimizer, method=method, grad_sync=GradSync(net.parameters()),
                    loss_fn=torch.compile(loss_and_backward, mode=compile_mode) if compile else loss_and_backward,
                    augment=AugmentPipe() if augment else None, flip=flip, seed=seed, batch=batch_size, lr=lr,
-                   warmup_steps=warmup_epochs * steps_per_epoch)
+                   warmup_steps=warmup_epochs * steps_per_epoch, labels=labels)
 
 
 def train_step(trainer: Trainer, step: int, *, check: bool = False,
@@ -118,14 +123,14 @@ def train_step(trainer: Trainer, step: int, *, check: bool = False,
     """
     model, optimizer = trainer.model, trainer.optimizer
     # Draw this rank's rows of the batch, keyed by (seed, step, purpose, attempt).
-    x, aug_cond, noise, t, r = draw_batch(trainer, step)
+    x, aug_cond, noise, t, r, class_labels, drop = draw_batch(trainer, step)
 
     # Loss and gradients; dropout draws from a global RNG seeded by (seed, step, rank, attempt).
     optimizer.zero_grad(set_to_none=True)
     dropout_seed = data_utils.fold_seed(trainer.seed, "dropout", step, trainer.env.rank,
                                         *attempt_keys(trainer.rollback.attempt))
     with seeded_global_rng(dropout_seed, trainer.device):
-        loss = trainer.loss_fn(model.net, trainer.method, x, aug_cond, noise, t, r)
+        loss = trainer.loss_fn(model.net, trainer.method, x, aug_cond, noise, t, r, class_labels, drop)
     trainer.grad_sync()  # average over ranks
     if check:
         check_gradients(model.net, step)
@@ -145,13 +150,15 @@ def train_step(trainer: Trainer, step: int, *, check: bool = False,
 
 
 def draw_batch(trainer: Trainer, step: int):
-    """This rank's rows of global batch `step`: (x, aug_cond, noise, t, r).
+    """This rank's rows of global batch `step`: (x, aug_cond, noise, t, r, class_labels, drop).
 
     Every random draw is made for the whole global batch from a generator keyed by
     (seed, step, purpose, attempt), then sliced, so rows do not depend on the number of processes.
     The generators are the host's: CUDA's randn depends on the launch grid, i.e. on the GPU model,
     and a CPU generator gives the same numbers on every machine. Draws go to the device pinned,
     without waiting for it.
+    class_labels (one-hot [B, label_dim]) and drop ([B] bool, the labels to replace by the null
+    class) are None for an unconditional network.
     """
     device, global_batch = trainer.device, trainer.global_batch
     rows = slice(trainer.env.rank * trainer.batch, (trainer.env.rank + 1) * trainer.batch)
@@ -171,7 +178,13 @@ def draw_batch(trainer: Trainer, step: int):
         x, aug_cond = trainer.augment(x, generator("augment"), **where)
     noise = torch.randn((global_batch, *trainer.img_shape), generator=generator("noise"))[rows]
     t, r = trainer.method.sample_t_r(global_batch, generator=generator("t_r"))
-    return x, aug_cond, *(data_utils.to_device(v, device) for v in (noise, t[rows], r[rows]))
+    noise, t, r = (data_utils.to_device(v, device) for v in (noise, t[rows], r[rows]))
+    class_labels = drop = None
+    if trainer.labels is not None:
+        class_labels = meanflow.one_hot(trainer.labels[idx], trainer.model_config["label_dim"])
+        drop = trainer.method.sample_drop(global_batch, generator=generator("label_drop"))[rows]
+        class_labels, drop = data_utils.to_device(class_labels, device), data_utils.to_device(drop, device)
+    return x, aug_cond, noise, t, r, class_labels, drop
 
 
 def attempt_keys(attempt: int) -> tuple:
@@ -180,9 +193,10 @@ def attempt_keys(attempt: int) -> tuple:
     return ("attempt", attempt) if attempt else ()
 
 
-def loss_and_backward(net, method: meanflow.MeanFlow, x, aug_cond, noise, t, r) -> torch.Tensor:
+def loss_and_backward(net, method: meanflow.MeanFlow, x, aug_cond, noise, t, r, class_labels=None,
+                      drop=None) -> torch.Tensor:
     """MeanFlow loss of one batch and its backward pass (the part that torch.compile speeds up)."""
-    loss = method.loss(net, x, aug_cond, noise=noise, t=t, r=r)
+    loss = method.loss(net, x, aug_cond, class_labels=class_labels, noise=noise, t=t, r=r, drop=drop)
     loss.backward()
     return loss.detach()
 

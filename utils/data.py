@@ -107,6 +107,21 @@ def load_digits_labels(train: bool = True) -> torch.Tensor:
     return _digits_split(train)[1]
 
 
+def load_labels(name: str, data_path: str | Path = "./data", train: bool = True, download: bool = True) -> torch.Tensor:
+    """Class labels 0..num_classes-1, LongTensor [N], row for row with load_dataset(name, data_path, train)."""
+    dataset_info(name)
+    root = Path(data_path)
+    if name == "digits":
+        return load_digits_labels(train)
+    from torchvision.datasets import CIFAR10, MNIST
+    loader, what, files = ((CIFAR10, "CIFAR-10", "cifar-10-python.tar.gz") if name == "cifar10" else
+                           (MNIST, "MNIST", "MNIST/raw/{train,t10k}-labels-idx1-ubyte(.gz)"))
+    try:
+        return torch.as_tensor(loader(str(root), train=train, download=download).targets).long()
+    except Exception as e:
+        raise _not_found(what, root, files, download, e) from e
+
+
 def load_dataset(name: str, data_path: str | Path = "./data", train: bool = True,
                  download: bool = True) -> torch.Tensor:
     """All images of a dataset split as one uint8 tensor [N,C,H,W] in 0..255 (convert batches with to_float).

@@ -8,6 +8,8 @@ is scored by
     confidence  mean top-class probability (blurry or malformed digits score low)
     classes     effective number of classes, exp(entropy of the predicted-class histogram);
                 10 when all digits are equally frequent, lower when the model drops some
+    label_accuracy  (for images with requested labels, a class-conditional model) the fraction
+                the classifier assigns to their requested label
 The held-out real digits, scored the same way with as many samples, show what "good" reads as.
 """
 
@@ -54,8 +56,11 @@ class DigitsQuality:
         """Activations [N, D] of the hidden units that fire on the training digits; pixels [N, 64] in [0, 1]."""
         return self._hidden(pixels)[:, self.live]
 
-    def score(self, images: torch.Tensor) -> dict:
-        """dict(fd, confidence, classes, count) of images [N,1,8,8] (uint8, or float in [-1, 1]); N >= 2."""
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        """dict(fd, confidence, classes, count) of images [N,1,8,8] (uint8, or float in [-1, 1]); N >= 2.
+
+        labels: the classes [N] the images were generated for; adds label_accuracy.
+        """
         pixels = _pixels(images)
         features = self.features(pixels)
         with warnings.catch_warnings():  # units silent on a poor sample set make its covariance singular
@@ -64,8 +69,11 @@ class DigitsQuality:
         probs = self.classifier.predict_proba(pixels)
         hist = np.bincount(probs.argmax(axis=1), minlength=dataset_info("digits").num_classes) / len(probs)
         entropy = -(hist[hist > 0] * np.log(hist[hist > 0])).sum()
-        return dict(fd=float(fd), confidence=float(probs.max(axis=1).mean()), classes=float(np.exp(entropy)),
-                    count=len(images))
+        result = dict(fd=float(fd), confidence=float(probs.max(axis=1).mean()), classes=float(np.exp(entropy)),
+                      count=len(images))
+        if labels is not None:
+            result["label_accuracy"] = float((probs.argmax(axis=1) == np.asarray(labels).reshape(-1)).mean())
+        return result
 
     def real_score(self) -> dict:
         """The same figures for the held-out real digits (the classifier never saw them)."""

@@ -48,6 +48,23 @@ def sample_noise(
     return torch.stack(rows).to(device)
 
 
+def class_indices(net, indices: torch.Tensor, classes=None) -> torch.Tensor | None:
+    """LongTensor [len(indices)]: sample i's class, classes[i % len(classes)]; None for an unconditional net.
+
+    A class-conditional net has label_dim > 0 (SongUNet); classes defaults to 0..label_dim-1,
+    so any run of label_dim consecutive samples holds every class once.
+    """
+    num_classes = getattr(net, "label_dim", 0)
+    if not num_classes:
+        if classes is not None:
+            raise ValueError("class labels given, but the network is unconditional (label_dim 0)")
+        return None
+    classes = torch.arange(num_classes) if classes is None else torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
+        raise ValueError(f"class labels must be in 0..{num_classes - 1}, got {classes.tolist()}")
+    return classes[torch.as_tensor(indices).reshape(-1).long() % len(classes)]
+
+
 @torch.no_grad()
 def generate(
     net,
@@ -58,14 +75,19 @@ def generate(
     steps: int = 1,
     batch_size: int = 250,
     device: str | torch.device = "cpu",
+    classes=None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (batch indices [b], uint8 images [b, C, H, W]) of the samples ``indices``.
 
-    Sample i is ``meanflow.sample(net, sample_noise(seed, [i]), steps)`` quantised by ``to_uint8``.
+    Sample i is ``meanflow.sample(net, sample_noise(seed, [i]), steps)`` quantised by ``to_uint8``;
+    for a class-conditional net with the class ``class_indices(net, [i], classes)``.
     ``net`` should be in eval mode.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     for batch in torch.as_tensor(indices).split(batch_size):
         noise = sample_noise(seed, batch, img_shape, device)
-        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps))
+        labels = class_indices(net, batch, classes)
+        if labels is not None:
+            labels = meanflow.one_hot(labels, net.label_dim).to(device)
+        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps, class_labels=labels))
