@@ -132,7 +132,7 @@ def test_attempt_zero_draws_with_the_keys_of_a_run_without_rollbacks():
     cfg = train.resolve_config([*TINY, "--dropout", "0"])
     trainer = train.make_trainer(cfg, init_distributed("cpu"))
     step, batch = 5, trainer.global_batch
-    _, _, noise, t, r = draw_batch(trainer, step)
+    _, _, noise, t, r, _, _ = draw_batch(trainer, step)
     expected_noise = torch.randn((batch, *trainer.img_shape),
                                  generator=data_utils.make_generator(cfg["seed"], "train", step, "noise"))
     expected_t, expected_r = trainer.method.sample_t_r(
