@@ -5,20 +5,17 @@ Notation follows the paper:
     v = e - x                  conditional velocity dz/dt (the loss uses it for the marginal v(z, t))
     u(z, t, h)                 average velocity over [r, t], with h = t - r >= 0
     MeanFlow identity          u = v - (t - r) du/dt,   du/dt = v . d_z u + d_t u
-The network is any callable ``net(z, t, h, aug_cond=None) -> u`` with ``t``, ``h`` of shape [B];
-a class-conditional one also takes ``class_labels=``, one-hot rows [B, num_classes] (EDM's label
-input). The null class, "no label" (the unconditional model of classifier-free guidance), is the
-all-zero row: ``one_hot`` never makes it, ``is_null`` recognises it, and label dropout multiplies
-rows by zero. Guidance (paper Sec. 4.2) is built into the training target, so sampling stays one
-network evaluation per step; see docs/guidance.md.
+The network is any callable ``net(z, t, h, **cond) -> u`` with ``t``, ``h`` of shape [B] (the
+convention of models/networks.py). ``cond`` holds only the inputs in use: ``labels``, class
+indices [B] (LongTensor) for a class-conditional network, where the index ``num_classes`` is the
+null class, "no label" (the unconditional model of classifier-free guidance); ``aug_cond`` for
+a network trained with augmentation labels. Guidance (paper Sec. 4.2) is built into the training
+target, so sampling stays one network evaluation per step; see docs/guidance.md.
 """
 
 import math
 
 import torch
-
-from models.unet import SongUNet
-from models.unet_tangent import forward_and_tangent
 
 TR_SAMPLERS = ("v0", "v1")
 JVP_MODES = ("joint", "split", "network")
@@ -30,14 +27,14 @@ def _broadcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def one_hot(indices: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Class indices [B] in 0..num_classes-1 -> the network's class_labels [B, num_classes]."""
-    return torch.nn.functional.one_hot(torch.as_tensor(indices).long(), num_classes).to(dtype)
-
-
-def is_null(class_labels: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the rows of class_labels [B, num_classes] that are the null class (all zero)."""
-    return class_labels.eq(0).all(dim=1)
+def conditions(labels: torch.Tensor | None = None, aug_cond: torch.Tensor | None = None) -> dict:
+    """The keyword inputs of a network call beside (z, t, h): only those given."""
+    cond = {}
+    if labels is not None:
+        cond["labels"] = labels
+    if aug_cond is not None:
+        cond["aug_cond"] = aug_cond
+    return cond
 
 
 def _get_rng_state(device: torch.device) -> tuple:
@@ -58,16 +55,15 @@ def u_and_dudt(
     t: torch.Tensor,
     r: torch.Tensor,
     v: torch.Tensor,
-    aug_cond: torch.Tensor | None = None,
+    cond: dict | None = None,
     *,
-    class_labels: torch.Tensor | None = None,
     jvp_mode: str = "joint",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The network output u(z, t, t - r) and its total derivative along the path, du/dt.
 
     du/dt is the Jacobian-vector product of (z, t, r) -> u with tangent (v, 1, 0).
-    z, v: [B, ...]; t, r: [B]. Returns (u, dudt), both [B, ...]. class_labels ([B, num_classes])
-    reach the network when given, like aug_cond, and carry no tangent.
+    z, v: [B, ...]; t, r: [B]. Returns (u, dudt), both [B, ...]. cond: the network's other
+    inputs (``conditions``), which carry no tangent.
 
     jvp_mode "joint": one ``torch.func.jvp`` returns both; u carries the graph for backward.
         Fastest, and the mode to use under ``torch.compile``; run eagerly, its backward graph
@@ -78,26 +74,26 @@ def u_and_dudt(
         identical masks; both modes then give the same loss and gradients. This path always
         runs eagerly, also inside a compiled function. Layers that update state in forward
         (batch-norm statistics) would update twice.
-    jvp_mode "network": ``models.unet_tangent.forward_and_tangent(net, z, t, t - r, v, 1, 1)``,
-        for a ``SongUNet``. It propagates only the input tangent, skipping the products with
-        the weights' (zero) tangent that forward AD of every convolution computes anyway; dudt
-        comes without a graph, so gradients flow through u only (the loss detaches its target).
+    jvp_mode "network": the network's own ``net.forward_and_tangent(z, t, h, dz, dt, dh, **cond)``
+        (SongUNet has one, models/unet_tangent.py). It propagates only the input tangent,
+        skipping the products with the weights' (zero) tangent that forward AD of every
+        convolution computes anyway; dudt comes without a graph, so gradients flow through u
+        only (the loss detaches its target).
     """
     if jvp_mode not in JVP_MODES:
         raise ValueError(f"unknown jvp_mode {jvp_mode!r}: use one of {JVP_MODES}")
-
-    labels = {} if class_labels is None else dict(class_labels=class_labels)
+    cond = cond or {}
 
     def u_fn(z_, t_, r_):
-        return net(z_, t_, t_ - r_, aug_cond=aug_cond, **labels)
+        return net(z_, t_, t_ - r_, **cond)
 
     if jvp_mode == "network":
-        if not isinstance(net, SongUNet):
-            raise ValueError(f"jvp_mode 'network' walks the layers of a SongUNet, but the network is a "
-                             f"{type(net).__name__}: use 'joint' or 'split'")
+        if not hasattr(net, "forward_and_tangent"):
+            raise ValueError(f"jvp_mode 'network' needs a network with a hand-written tangent path "
+                             f"(forward_and_tangent), but {type(net).__name__} has none: use 'joint' or 'split'")
         # Tangents (v, 1, 0) of (z, t, r) give h = t - r the tangent 1.
         ones = torch.ones_like(t)
-        return forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug_cond, class_labels=class_labels)
+        return net.forward_and_tangent(z, t, t - r, v, ones, ones, **cond)
 
     primals = (z, t, r)
     tangents = (v, torch.ones_like(t), torch.zeros_like(r))
@@ -133,6 +129,8 @@ class MeanFlow:
     autocast: None (the network runs in x's dtype) or torch.bfloat16:
         the network's forward and tangent then run under ``torch.autocast`` with it, and u and
         du/dt are cast back to float32 before the target, the error and the weighting.
+    num_classes: classes of a class-conditional network (0: unconditional); labels are indices
+        0..num_classes-1 and the index num_classes is the null class.
     cfg_omega, cfg_kappa: guidance of a class-conditional loss. Labelled samples train towards
         v_tilde = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) in place
         of v (both u without gradient, the network in eval mode); omega = 1, kappa = 0 is no guidance.
@@ -154,6 +152,7 @@ class MeanFlow:
         norm_eps: float = 1e-3,
         jvp_mode: str = "joint",
         autocast: torch.dtype | None = None,
+        num_classes: int = 0,
         cfg_omega: float = 1.0,
         cfg_kappa: float = 0.0,
         cfg_t_start: float = 0.0,
@@ -183,6 +182,8 @@ class MeanFlow:
             raise ValueError(f"cfg_kappa={cfg_kappa} must be >= 0")
         if not 0.0 <= cfg_t_start <= cfg_t_end <= 1.0:
             raise ValueError(f"guidance interval [{cfg_t_start}, {cfg_t_end}]: use 0 <= cfg_t_start <= cfg_t_end <= 1")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes={num_classes!r} must be an integer >= 0 (0: unconditional)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout={label_dropout} is a probability: use a value in [0, 1)")
         if cfg_omega + cfg_kappa != 1.0 and label_dropout == 0.0:
@@ -195,6 +196,7 @@ class MeanFlow:
         self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
         self.jvp_mode = jvp_mode
         self.autocast = autocast
+        self.num_classes = num_classes
         self.cfg_omega, self.cfg_kappa = float(cfg_omega), float(cfg_kappa)
         self.cfg_t_start, self.cfg_t_end = float(cfg_t_start), float(cfg_t_end)
         self.label_dropout = float(label_dropout)
@@ -242,7 +244,7 @@ class MeanFlow:
     # Eager also under torch.compile: it flips the network's train/eval mode, on which compiled graphs specialise.
     @torch.compiler.disable
     def guided_velocity(self, net, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-                        class_labels: torch.Tensor, aug_cond: torch.Tensor | None = None) -> torch.Tensor:
+                        labels: torch.Tensor, aug_cond: torch.Tensor | None = None) -> torch.Tensor:
         """v_tilde = omega v + kappa u(z, t, 0 | c) + (1 - omega - kappa) u(z, t, 0 | null), [B, ...].
 
         u(., t, h = 0) is the instantaneous velocity; both network terms are evaluated without
@@ -261,9 +263,10 @@ class MeanFlow:
                 net.eval()
             with torch.no_grad():
                 if self.cfg_kappa != 0.0:
-                    v_tilde = v_tilde + kappa * net(z, t, h, aug_cond=aug_cond, class_labels=class_labels).to(v.dtype)
+                    u_cond = net(z, t, h, **conditions(labels, aug_cond))
+                    v_tilde = v_tilde + kappa * u_cond.to(v.dtype)
                 if self.cfg_omega + self.cfg_kappa != 1.0:
-                    u_null = net(z, t, h, aug_cond=aug_cond, class_labels=torch.zeros_like(class_labels))
+                    u_null = net(z, t, h, **conditions(torch.full_like(labels, self.num_classes), aug_cond))
                     v_tilde = v_tilde + (1 - omega - kappa) * u_null.to(v.dtype)
         finally:
             if was_training:
@@ -276,7 +279,7 @@ class MeanFlow:
         x: torch.Tensor,
         aug_cond: torch.Tensor | None = None,
         *,
-        class_labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
         r: torch.Tensor | None = None,
@@ -288,10 +291,11 @@ class MeanFlow:
         x: [B, ...] data; aug_cond is passed to the network unchanged. noise ([B, ...]) and t, r
         ([B], t >= r, given together) are used as they are when given; otherwise noise and then
         (t, r) are drawn from ``generator`` (dropout inside ``net`` uses the global RNG).
-        class_labels: [B, num_classes] one-hot, or None for an unconditional network. drop ([B]
-        bool): the labels replaced by the null class; when None and label_dropout > 0 it is drawn
-        from ``generator`` after the noise and (t, r) (``sample_drop``). Null-labelled samples
-        train towards v, the others towards the guided velocity (``guided_velocity``).
+        labels: class indices [B] in 0..num_classes (num_classes: the null class), or None for an
+        unconditional network. drop ([B] bool): the labels replaced by the null class; when None
+        and label_dropout > 0 it is drawn from ``generator`` after the noise and (t, r)
+        (``sample_drop``). Null-labelled samples train towards v, the others towards the guided
+        velocity (``guided_velocity``).
         Computed in float32 (float64 if x is float64) with an outer autocast disabled: the
         target subtracts (t - r) du/dt from v, which half precision would swamp. Only the
         network's own arithmetic runs in low precision, and only when ``autocast`` is set.
@@ -314,8 +318,8 @@ class MeanFlow:
         t = t.to(device=x.device, dtype=dtype)
         r = r.to(device=x.device, dtype=dtype)
         noise = noise.to(dtype)
-        if class_labels is not None:
-            class_labels = self._dropped_labels(class_labels, drop, batch, generator)
+        if labels is not None:
+            labels = self._dropped_labels(labels, drop, batch, generator)
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = (1 - _broadcast(t, x)) * x + _broadcast(t, x) * noise
@@ -324,11 +328,11 @@ class MeanFlow:
             # by the forward that follows, which then had no path back to the weight (pytorch#65766).
             with torch.autocast(device_type=x.device.type, dtype=self.autocast, enabled=self.autocast is not None,
                                 cache_enabled=False):
-                if class_labels is not None and self.guided:
+                if labels is not None and self.guided:
                     # Dropped (null) samples keep v: they train the unconditional velocity the guidance uses.
-                    v_tilde = self.guided_velocity(net, z, t, v, class_labels, aug_cond)
-                    v = torch.where(_broadcast(is_null(class_labels), v), v, v_tilde)
-                u, dudt = u_and_dudt(net, z, t, r, v, aug_cond, class_labels=class_labels, jvp_mode=self.jvp_mode)
+                    v_tilde = self.guided_velocity(net, z, t, v, labels, aug_cond)
+                    v = torch.where(_broadcast(labels == self.num_classes, v), v, v_tilde)
+                u, dudt = u_and_dudt(net, z, t, r, v, conditions(labels, aug_cond), jvp_mode=self.jvp_mode)
             u, dudt = u.to(dtype), dudt.to(dtype)
             u_tgt = (v - _broadcast(t - r, x) * dudt).detach()
             err = (u - u_tgt).square().reshape(batch, -1).sum(dim=1)
@@ -336,19 +340,21 @@ class MeanFlow:
             weight = (err.detach() + self.norm_eps).pow(self.norm_p)
             return (err / weight).mean()
 
-
-    def _dropped_labels(self, class_labels: torch.Tensor, drop: torch.Tensor | None, batch: int,
+    def _dropped_labels(self, labels: torch.Tensor, drop: torch.Tensor | None, batch: int,
                         generator: torch.Generator | None) -> torch.Tensor:
-        """class_labels [B, num_classes] with the rows of `drop` (drawn when None) set to the null class."""
-        if class_labels.dim() != 2 or class_labels.shape[0] != batch:
-            raise ValueError(f"class_labels must have shape [{batch}, num_classes], got {tuple(class_labels.shape)}")
+        """labels [B] with the rows of `drop` (drawn when None) set to the null class, num_classes."""
+        if self.num_classes == 0:
+            raise ValueError("labels given to an unconditional MeanFlow (num_classes=0): pass num_classes")
+        if labels.is_floating_point() or labels.dtype == torch.bool or tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels must be class indices of shape [{batch}] (an integer tensor), "
+                             f"got {labels.dtype} {tuple(labels.shape)}")
         if drop is None:
             if self.label_dropout == 0.0:
-                return class_labels
-            drop = self.sample_drop(batch, device=class_labels.device, generator=generator)
+                return labels
+            drop = self.sample_drop(batch, device=labels.device, generator=generator)
         elif tuple(drop.shape) != (batch,):
             raise ValueError(f"drop must have shape [{batch}], got {tuple(drop.shape)}")
-        return class_labels * (~drop.to(class_labels.device, torch.bool))[:, None].to(class_labels.dtype)
+        return torch.where(drop.to(labels.device, torch.bool), self.num_classes, labels)
 
 
 def _check_given_times(t: torch.Tensor, r: torch.Tensor, batch: int) -> None:
@@ -377,24 +383,24 @@ def _check_given_times(t: torch.Tensor, r: torch.Tensor, batch: int) -> None:
 
 @torch.no_grad()
 def sample(net, noise: torch.Tensor, steps: int = 1, aug_cond: torch.Tensor | None = None,
-           class_labels: torch.Tensor | None = None) -> torch.Tensor:
+           labels: torch.Tensor | None = None) -> torch.Tensor:
     """Generate data from noise with ``steps`` average-velocity jumps; returns z at t = 0.
 
     noise: [B, ...] (e ~ N(0, I), i.e. z at t = 1). Walks the uniform grid 1 = t_0 > ... > t_N = 0
     with z_r = z_t - (t - r) u(z_t, t, t - r); steps = 1 is x = z_1 - u(z_1, 1, 1).
-    class_labels: [B, num_classes] one-hot for a class-conditional network (guidance, if it was
-    trained with any, is already in the network). Put ``net`` in eval mode first if it has dropout.
+    labels: class indices [B] for a class-conditional network (guidance, if it was trained with
+    any, is already in the network). Put ``net`` in eval mode first if it has dropout.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an integer >= 1")
     if noise.dim() < 1:
         raise ValueError(f"noise must have a batch dimension, got shape {tuple(noise.shape)}")
-    labels = {} if class_labels is None else dict(class_labels=class_labels.to(noise.dtype))
+    cond = conditions(labels, aug_cond)
     z = noise
     batch = noise.shape[0]
     for i in range(steps):
         t = torch.full((batch,), 1.0 - i / steps, device=noise.device, dtype=noise.dtype)
         r = torch.full((batch,), 1.0 - (i + 1) / steps, device=noise.device, dtype=noise.dtype)
         h = t - r
-        z = z - _broadcast(h, z) * net(z, t, h, aug_cond=aug_cond, **labels)
+        z = z - _broadcast(h, z) * net(z, t, h, **cond)
     return z

@@ -272,6 +272,7 @@ def make_method(cfg: dict) -> meanflow.MeanFlow:
     guidance = {}
     if cfg["class_cond"]:
         guidance = {k: cfg[k] for k in ("cfg_omega", "cfg_kappa", "cfg_t_start", "cfg_t_end", "label_dropout")}
+        guidance["num_classes"] = data_utils.dataset_info(cfg["dataset"]).num_classes
     return meanflow.MeanFlow(**{k: cfg[k] for k in keys}, autocast=autocast, **guidance)
 
 

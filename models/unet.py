@@ -341,9 +341,11 @@ class SongUNet(nn.Module):
     """DDPM++ / NCSN++ U-Net of EDM predicting the average velocity u(z, t, h).
 
     forward(x [B, in_channels, R, R], t [B], h [B], aug_cond [B, augment_dim] | None,
-    class_labels [B, label_dim] | None) -> u [B, out_channels, R, R].
-    Keyword names and defaults are EDM's. `aug_cond` is ignored when augment_dim == 0
-    (as in EDM, so a training loop may always pass augmentation labels).
+    labels [B] | None) -> u [B, out_channels, R, R].
+    Keyword names and defaults of the constructor are EDM's. `aug_cond` is ignored when
+    augment_dim == 0 (as in EDM, so a training loop may always pass augmentation labels).
+    `labels` are class indices 0..label_dim-1, label_dim being the null class ("no label");
+    EDM's label layer sees them as one-hot rows, the null class as the all-zero row.
     """
 
     def __init__(self,
@@ -453,14 +455,19 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional network (the network convention's name for label_dim)."""
+        return self.label_dim
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """u(x, t, h): x [B, C, R, R], t and h [B] (or 0-dim, shared by the batch) -> [B, out_channels, R, R]."""
-        t, h = self._check_inputs(x, t, h, aug_cond, class_labels)
+        t, h = self._check_inputs(x, t, h, aug_cond, labels)
 
         # Mapping.
         emb = torch.cat([self.map_noise(t), self.map_noise(h)], dim=1)
-        emb = self._add_labels(emb, aug_cond, class_labels)
+        emb = self._add_labels(emb, aug_cond, labels)
         emb = F.silu(self.map_layer0(emb))
         emb = F.silu(self.map_layer1(emb))
 
@@ -494,21 +501,31 @@ class SongUNet(nn.Module):
                 x = block(x, emb)
         return aux
 
+    def forward_and_tangent(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, x_t: torch.Tensor,
+                            t_t: torch.Tensor, h_t: torch.Tensor, aug_cond: torch.Tensor | None = None,
+                            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u, du) by hand-written tangent rules (models/unet_tangent.py): MeanFlow's jvp_mode "network"."""
+        from models.unet_tangent import forward_and_tangent  # that module imports this one
+        return forward_and_tangent(self, x, t, h, x_t, t_t, h_t, aug_cond=aug_cond, labels=labels)
+
     def _add_labels(self, emb: torch.Tensor, aug_cond: torch.Tensor | None,
-                    class_labels: torch.Tensor | None) -> torch.Tensor:
+                    labels: torch.Tensor | None) -> torch.Tensor:
         """emb [B, 2 noise_channels] plus the projections of the class and augmentation labels."""
         if self.map_label is not None:
-            labels = class_labels.to(emb.dtype)
+            # One-hot rows; the null class (index label_dim) is the zero row. A comparison rather than
+            # F.one_hot, whose range check reads the labels on the host (a device sync on CUDA).
+            classes = torch.arange(self.label_dim, device=labels.device)
+            rows = (labels[:, None] == classes).to(emb.dtype)
             if self.training and self.label_dropout:
-                keep = torch.rand([labels.shape[0], 1], device=labels.device) >= self.label_dropout
-                labels = labels * keep.to(labels.dtype)
-            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
+                keep = torch.rand([rows.shape[0], 1], device=rows.device) >= self.label_dropout
+                rows = rows * keep.to(rows.dtype)
+            emb = emb + self.map_label(rows * math.sqrt(self.label_dim))
         if self.map_augment is not None and aug_cond is not None:
             emb = emb + self.map_augment(aug_cond.to(emb.dtype))
         return emb
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, aug_cond: torch.Tensor | None,
-                      class_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raise ValueError for inputs this network cannot take; return t and h as [B] tensors.
 
         The times come back in float32 or wider even when x is bf16: the embedding needs the precision.
@@ -522,12 +539,13 @@ class SongUNet(nn.Module):
         if self.map_augment is not None and aug_cond is not None and tuple(aug_cond.shape) != (batch, self.augment_dim):
             raise ValueError(f"aug_cond must have shape [{batch}, {self.augment_dim}]; got {list(aug_cond.shape)}")
         if self.map_label is not None:
-            if class_labels is None or tuple(class_labels.shape) != (batch, self.label_dim):
-                got = None if class_labels is None else list(class_labels.shape)
-                raise ValueError(f"this network is class-conditional (label_dim={self.label_dim}): "
-                                 f"pass class_labels of shape [{batch}, {self.label_dim}]; got {got}")
-        elif class_labels is not None:
-            raise ValueError("class_labels given but the network was built with label_dim=0")
+            if labels is None or tuple(labels.shape) != (batch,) or labels.is_floating_point():
+                got = None if labels is None else f"{labels.dtype} {list(labels.shape)}"
+                raise ValueError(f"this network is class-conditional (label_dim={self.label_dim}): pass labels, "
+                                 f"class indices of shape [{batch}] in 0..{self.label_dim} ({self.label_dim}: "
+                                 f"no label); got {got}")
+        elif labels is not None:
+            raise ValueError("labels given but the network was built with label_dim=0")
         t, h = per_sample("t", t, batch), per_sample("h", h, batch)
         return t.to(torch.promote_types(t.dtype, torch.float32)), h.to(torch.promote_types(h.dtype, torch.float32))
 

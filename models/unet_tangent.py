@@ -32,16 +32,16 @@ class Dual(NamedTuple):
 def forward_and_tangent(net: unet.SongUNet, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
                         x_t: torch.Tensor, t_t: torch.Tensor, h_t: torch.Tensor,
                         aug_cond: torch.Tensor | None = None,
-                        class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, u_t): u = net(x, t, h, aug_cond, class_labels) and its derivative along (x_t, t_t, h_t).
+                        labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, u_t): u = net(x, t, h, aug_cond, labels) and its derivative along (x_t, t_t, h_t).
 
     x_t is shaped like x; t_t and h_t like t and h ([B] or one value). u_t equals
     ``torch.func.jvp`` of ``net`` but has no autograd graph; u keeps forward's. aug_cond and
-    class_labels carry no tangent.
+    labels carry no tangent.
     """
     if tuple(x_t.shape) != tuple(x.shape):
         raise ValueError(f"x_t must have the shape of x, {list(x.shape)}; got {list(x_t.shape)}")
-    t_value, h_value = net._check_inputs(x, t, h, aug_cond, class_labels)
+    t_value, h_value = net._check_inputs(x, t, h, aug_cond, labels)
     batch = x.shape[0]
     x = Dual(x, x_t.to(x.dtype))
     t = Dual(t_value, unet.per_sample("t_t", t_t, batch).to(t_value.dtype))
@@ -49,7 +49,7 @@ def forward_and_tangent(net: unet.SongUNet, x: torch.Tensor, t: torch.Tensor, h:
 
     # Mapping. The labels carry no tangent.
     emb = _cat(_embedding(net.map_noise, t), _embedding(net.map_noise, h))
-    emb = Dual(net._add_labels(emb.value, aug_cond, class_labels), emb.tangent)
+    emb = Dual(net._add_labels(emb.value, aug_cond, labels), emb.tangent)
     emb = _silu(_linear(net.map_layer0, emb))
     emb = _silu(_linear(net.map_layer1, emb))
 

@@ -411,14 +411,22 @@ def test_bad_loss_and_sample_arguments():
 
 
 class ToyCondMLP(ToyMLP):
-    """ToyMLP with one-hot class labels [B, K] concatenated to its input (all zero: the null class)."""
+    """ToyMLP with class indices [B] concatenated to its input as one-hot rows (the null class, index
+    num_classes: the all-zero row)."""
 
     def __init__(self, num_classes: int, dim: int = 2, width: int = 64, dropout: float = 0.0):
         super().__init__(dim=dim + num_classes, width=width, dropout=dropout)
         self.body[-1] = torch.nn.Linear(width, dim)
+        self.num_classes = num_classes
 
-    def forward(self, z, t, h, aug_cond=None, class_labels=None):
-        return self.body(torch.cat([z, class_labels.to(z.dtype), t[:, None], h[:, None]], dim=1))
+    def forward(self, z, t, h, labels=None):
+        rows = one_hot_or_null(labels, self.num_classes, z.dtype)
+        return self.body(torch.cat([z, rows, t[:, None], h[:, None]], dim=1))
+
+
+def one_hot_or_null(labels, num_classes, dtype):
+    """Class indices [B] -> one-hot rows [B, num_classes]; the null index num_classes gives a zero row."""
+    return torch.nn.functional.one_hot(labels, num_classes + 1)[:, :num_classes].to(dtype)
 
 
 def _small_cond_unet(label_dim=3):
@@ -436,14 +444,15 @@ def test_no_guidance_is_the_plain_loss_with_labels_passed_through(jvp_mode):
     g = torch.Generator().manual_seed(0)
     x, noise = (torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     t, r = MeanFlow().sample_t_r(6, generator=g)
-    labels = meanflow.one_hot(torch.tensor([0, 1, 2, 2, 1, 0]), 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
     given = dict(noise=noise, t=t, r=r)
     keep_all = torch.zeros(6, dtype=torch.bool)
-    loss = MeanFlow(jvp_mode=jvp_mode, label_dropout=0.1).loss(net, x, class_labels=labels, drop=keep_all, **given)
+    loss = MeanFlow(jvp_mode=jvp_mode, num_classes=3, label_dropout=0.1).loss(net, x, labels=labels, drop=keep_all,
+                                                                               **given)
     labelled_calls = len(calls)
 
     def bound(z, t_, h, aug_cond=None):
-        return net(z, t_, h, aug_cond=aug_cond, class_labels=labels)
+        return net(z, t_, h, aug_cond=aug_cond, labels=labels)
 
     reference = MeanFlow(jvp_mode="joint").loss(bound, x, **given)
     torch.testing.assert_close(loss, reference, rtol=1e-10, atol=0)
@@ -452,8 +461,8 @@ def test_no_guidance_is_the_plain_loss_with_labels_passed_through(jvp_mode):
 
 def _analytic_net(A):
     """u(z, t, h | c) = z (1 + t^2 + h/2) + c A, float64 vectors: du/dt = v (1 + t^2 + h/2) + z (2t + 1/2)."""
-    def net(z, t, h, aug_cond=None, class_labels=None):
-        return z * (1 + t**2 + 0.5 * h)[:, None] + class_labels @ A
+    def net(z, t, h, labels=None):
+        return z * (1 + t**2 + 0.5 * h)[:, None] + one_hot_or_null(labels, A.shape[0], A.dtype) @ A
     return net
 
 
@@ -469,11 +478,12 @@ def test_guided_target_is_the_formula(jvp_mode, omega, kappa):
     x, e = torch.randn(8, 4, generator=g, dtype=d), torch.randn(8, 4, generator=g, dtype=d)
     t = torch.tensor([0.9, 0.8, 0.5, 0.3, 0.2, 0.6, 0.95, 0.4], dtype=d)
     r = torch.tensor([0.1, 0.8, 0.1, 0.0, 0.2, 0.3, 0.5, 0.1], dtype=d)
-    c = meanflow.one_hot(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), 3, dtype=d)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    c = one_hot_or_null(labels, 3, d)
     drop = torch.tensor([False, False, True, False, False, True, False, False])
-    mf = MeanFlow(jvp_mode=jvp_mode, cfg_omega=omega, cfg_kappa=kappa, cfg_t_start=0.25, cfg_t_end=0.85,
-                  label_dropout=0.1, norm_p=0.75, norm_eps=1e-3)
-    loss = mf.loss(net, x, class_labels=c, noise=e, t=t, r=r, drop=drop)
+    mf = MeanFlow(jvp_mode=jvp_mode, num_classes=3, cfg_omega=omega, cfg_kappa=kappa, cfg_t_start=0.25,
+                  cfg_t_end=0.85, label_dropout=0.1, norm_p=0.75, norm_eps=1e-3)
+    loss = mf.loss(net, x, labels=labels, noise=e, t=t, r=r, drop=drop)
 
     tb, hb = t[:, None], (t - r)[:, None]
     z, v = (1 - tb) * x + tb * e, e - x
@@ -495,13 +505,13 @@ def test_guidance_forwards_run_in_eval_mode_without_gradient():
     net = ToyCondMLP(num_classes=3, dropout=0.5).double().train()
     z, v = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     t = torch.rand(5, dtype=torch.float64)
-    c = meanflow.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3, dtype=torch.float64)
-    mf = MeanFlow(cfg_omega=2.0, cfg_kappa=0.5, label_dropout=0.1)
+    c = torch.tensor([0, 1, 2, 0, 1])
+    mf = MeanFlow(num_classes=3, cfg_omega=2.0, cfg_kappa=0.5, label_dropout=0.1)
     v_tilde = mf.guided_velocity(net, z, t, v, c)
     assert net.training and not v_tilde.requires_grad
     net.eval()
     h = torch.zeros_like(t)
-    expected = 2.0 * v + 0.5 * net(z, t, h, class_labels=c) - 1.5 * net(z, t, h, class_labels=torch.zeros_like(c))
+    expected = 2.0 * v + 0.5 * net(z, t, h, labels=c) - 1.5 * net(z, t, h, labels=torch.full_like(c, 3))
     torch.testing.assert_close(v_tilde, expected, rtol=1e-12, atol=0)
 
 
@@ -509,29 +519,29 @@ def test_label_dropout_rate_draw_order_and_null_class():
     mf = MeanFlow(label_dropout=0.1)
     drop = mf.sample_drop(200_000, generator=torch.Generator().manual_seed(0))
     assert drop.dtype == torch.bool and abs(drop.double().mean().item() - 0.1) < 0.003
-    assert meanflow.is_null(torch.zeros(2, 10)).all() and not meanflow.is_null(meanflow.one_hot(torch.arange(10), 10)).any()
 
     # Drawn from the generator after the noise and (t, r).
     torch.manual_seed(0)
     net = ToyCondMLP(num_classes=3).double()
     x = torch.randn(64, 2, dtype=torch.float64)
-    c = meanflow.one_hot(torch.arange(64) % 3, 3, dtype=torch.float64)
-    guided = MeanFlow(cfg_omega=2.0, label_dropout=0.3)
-    drawn = guided.loss(net, x, class_labels=c, generator=torch.Generator().manual_seed(5))
+    c = torch.arange(64) % 3
+    guided = MeanFlow(num_classes=3, cfg_omega=2.0, label_dropout=0.3)
+    drawn = guided.loss(net, x, labels=c, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
     t, r = guided.sample_t_r(64, generator=g)
     drop = guided.sample_drop(64, generator=g)
     assert 5 < drop.sum() < 35
     given = dict(noise=noise, t=t, r=r)
-    torch.testing.assert_close(drawn, guided.loss(net, x, class_labels=c, drop=drop, **given), rtol=0, atol=0)
+    torch.testing.assert_close(drawn, guided.loss(net, x, labels=c, drop=drop, **given), rtol=0, atol=0)
     # A dropped sample is a sample given the null label; both train the unconditional velocity (target v).
-    nulled = c * (~drop)[:, None]
-    torch.testing.assert_close(drawn, guided.loss(net, x, class_labels=nulled, drop=torch.zeros_like(drop), **given),
+    nulled = torch.where(drop, 3, c)
+    torch.testing.assert_close(drawn, guided.loss(net, x, labels=nulled, drop=torch.zeros_like(drop), **given),
                                rtol=0, atol=0)
-    all_null = torch.zeros_like(c)
-    plain = MeanFlow(label_dropout=0.3).loss(net, x, class_labels=all_null, drop=torch.zeros_like(drop), **given)
-    torch.testing.assert_close(guided.loss(net, x, class_labels=all_null, **given, drop=drop), plain, rtol=0, atol=0)
+    all_null = torch.full_like(c, 3)
+    plain = MeanFlow(num_classes=3, label_dropout=0.3).loss(net, x, labels=all_null, drop=torch.zeros_like(drop),
+                                                            **given)
+    torch.testing.assert_close(guided.loss(net, x, labels=all_null, **given, drop=drop), plain, rtol=0, atol=0)
 
 
 def _mixture(labels, generator, num_classes=4):
@@ -549,18 +559,18 @@ def test_guided_one_step_samples_land_in_their_class_component():
     torch.manual_seed(0)
     net = ToyCondMLP(num_classes=4, width=96)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    mf = MeanFlow(cfg_omega=2.0, cfg_kappa=0.5, label_dropout=0.1)
+    mf = MeanFlow(num_classes=4, cfg_omega=2.0, cfg_kappa=0.5, label_dropout=0.1)
     g = torch.Generator().manual_seed(1)
     for _ in range(600):
         k = torch.randint(0, 4, (256,), generator=g)
         x, _ = _mixture(k, g)
-        loss = mf.loss(net, x, class_labels=meanflow.one_hot(k, 4), generator=g)
+        loss = mf.loss(net, x, labels=k, generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
     net.eval()
     k = torch.arange(2000) % 4
-    samples = meanflow.sample(net, torch.randn(2000, 2, generator=g), class_labels=meanflow.one_hot(k, 4))
+    samples = meanflow.sample(net, torch.randn(2000, 2, generator=g), labels=k)
     _, centres = _mixture(torch.arange(4), g)
     nearest = torch.cdist(samples.double(), centres).argmin(dim=1)
     hit = (nearest == k).double().mean().item()

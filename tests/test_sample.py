@@ -201,7 +201,7 @@ def test_class_conditional_checkpoint_writes_labels_and_class_rows(tmp_path):
     assert a["arr_1"].tolist() == [i % 10 for i in range(25)]
     assert b["arr_1"].tolist() == [(3, 7)[i % 2] for i in range(25)]
     noise = sample_noise(0, torch.tensor([3, 4]), (1, 8, 8))
-    expected = to_uint8(meanflow.sample(net, noise, class_labels=meanflow.one_hot(torch.tensor([3, 3]), 10)))
+    expected = to_uint8(meanflow.sample(net, noise, labels=torch.tensor([3, 3])))
     assert np.array_equal(a["arr_0"][3], expected[0].permute(1, 2, 0).numpy())
     assert np.array_equal(b["arr_0"][4], expected[1].permute(1, 2, 0).numpy())
     width, height = Image.open(tmp_path / "g.png").size

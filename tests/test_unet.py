@@ -131,8 +131,8 @@ def test_jvp_matches_release(fixtures_dir: Path):
 def test_forward_and_tangent_matches_release(fixtures_dir: Path):
     ref, nets = load_reference(fixtures_dir)
     inp = ref["inputs"]
-    u, dudt = meanflow.u_and_dudt(nets["net"], inp["z"], inp["t"], inp["r"], inp["v"], inp["aug_cond"],
-                                  jvp_mode="network")
+    u, dudt = meanflow.u_and_dudt(nets["net"], inp["z"], inp["t"], inp["r"], inp["v"],
+                                  dict(aug_cond=inp["aug_cond"]), jvp_mode="network")
     assert rel_err(u, ref["outputs"]["u_pred"]) < 1e-4
     assert rel_err(dudt, ref["outputs"]["dudt"]) < 1e-4
 
@@ -251,7 +251,7 @@ def test_forward_and_tangent_equals_forward_and_jvp(variant: dict):
     torch.manual_seed(0)
     net = perturbed(SongUNet(**{**TINY, "dropout": 0.3, **variant})).double().train()
     z, v, t, r, aug = tiny_inputs(torch.float64)
-    labels = F.one_hot(torch.tensor([1, 3]), 5).double() if variant.get("label_dim") else None
+    labels = torch.tensor([1, 5]) if variant.get("label_dim") else None  # 5: the null class
     ones = torch.ones_like(t)
     w = torch.randn(z.shape[:1] + (TINY["out_channels"],) + z.shape[2:], generator=torch.Generator().manual_seed(3),
                     dtype=torch.float64)
@@ -263,7 +263,7 @@ def test_forward_and_tangent_equals_forward_and_jvp(variant: dict):
     u_plain = net(z, t, t - r, aug, labels)
     state_plain = torch.get_rng_state()
     torch.manual_seed(5)
-    u, u_t = forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug, class_labels=labels)
+    u, u_t = forward_and_tangent(net, z, t, t - r, v, ones, ones, aug_cond=aug, labels=labels)
     state_network = torch.get_rng_state()
     torch.manual_seed(5)
     u_jvp, dudt = torch.func.jvp(lambda a, b, c: net(a, b, b - c, aug, labels),
@@ -320,12 +320,12 @@ def test_block_tangent_matches_jvp(kwargs: dict):
     assert rel_err(y_t, dy) < 1e-12
 
 
-def test_network_mode_needs_a_songunet():
+def test_network_mode_needs_a_network_with_a_tangent_path():
     net = SongUNet(**TINY)
     z, v, t, r, aug = tiny_inputs()
-    with pytest.raises(ValueError, match="'network' walks the layers of a SongUNet.*function"):
-        meanflow.u_and_dudt(lambda z_, t_, h_, aug_cond=None: net(z_, t_, h_, aug_cond), z, t, r, v, aug,
-                            jvp_mode="network")
+    with pytest.raises(ValueError, match="'network' needs a network with a hand-written tangent path.*function"):
+        meanflow.u_and_dudt(lambda z_, t_, h_, aug_cond=None: net(z_, t_, h_, aug_cond), z, t, r, v,
+                            dict(aug_cond=aug), jvp_mode="network")
 
 
 def _loss_flops_and_grads(net, jvp_mode: str):
@@ -459,8 +459,8 @@ def test_variants_run(variant: dict):
     torch.manual_seed(0)
     net = SongUNet(**{**TINY, **variant})
     z, v, t, r, aug = tiny_inputs()
-    labels = F.one_hot(torch.tensor([1, 3]), 5).float() if variant.get("label_dim") else None
-    u, dudt = torch.func.jvp(lambda z_: net(z_, t, t - r, aug_cond=aug, class_labels=labels), (z,), (v,))
+    labels = torch.tensor([1, 3]) if variant.get("label_dim") else None
+    u, dudt = torch.func.jvp(lambda z_: net(z_, t, t - r, aug_cond=aug, labels=labels), (z,), (v,))
     assert u.shape == dudt.shape == z.shape[:1] + (TINY["out_channels"],) + z.shape[2:]
     assert torch.isfinite(u).all() and torch.isfinite(dudt).all()
 
@@ -516,7 +516,18 @@ def test_wrong_time_and_label_shapes():
     with pytest.raises(ValueError, match=r"aug_cond must have shape \[2, 3\]"):
         net(z, torch.ones(2), torch.ones(2), aug_cond=torch.zeros(2, 6))
     with pytest.raises(ValueError, match="label_dim=0"):
-        net(z, torch.ones(2), torch.ones(2), class_labels=torch.zeros(2, 4))
+        net(z, torch.ones(2), torch.ones(2), labels=torch.zeros(2, dtype=torch.long))
     conditional = SongUNet(**{**TINY, "label_dim": 4})
     with pytest.raises(ValueError, match="class-conditional"):
         conditional(z, torch.ones(2), torch.ones(2))
+
+
+def test_null_label_is_the_all_zero_one_hot_row():
+    """labels = label_dim is EDM's all-zero class vector: the label layer then adds only its bias."""
+    torch.manual_seed(0)
+    net = perturbed(SongUNet(**{**TINY, "label_dim": 4}))
+    z, t, h = torch.randn(2, 2, 8, 8), torch.rand(2), torch.rand(2)
+    null = net(z, t, h, labels=torch.tensor([4, 4]))
+    with torch.no_grad():
+        net.map_label.weight.zero_()
+    torch.testing.assert_close(null, net(z, t, h, labels=torch.tensor([0, 3])), rtol=0, atol=0)

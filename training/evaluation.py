@@ -38,14 +38,14 @@ class Evaluator:
         self.digits = None     # DigitsQuality, made at the first digits evaluation
 
     def _labels(self, count: int) -> torch.Tensor | None:
-        """One-hot labels [count, num_classes] of samples 0..count-1 (sample i: class i % num_classes), or None."""
+        """Class indices [count] of samples 0..count-1 (sample i: class i % num_classes), or None."""
         labels = class_indices(self.model.net, torch.arange(count))
-        return None if labels is None else meanflow.one_hot(labels, self.model.net.label_dim).to(self.env.device)
+        return None if labels is None else labels.to(self.env.device)
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict:
         results = {}
-        num_classes = getattr(self.model.net, "label_dim", 0)
+        num_classes = getattr(self.model.net, "num_classes", 0)
         grid_size = num_classes * GRID_COLUMNS if num_classes else GRID_SIZE
         grid_noise = torch.randn((grid_size, *self.img_shape),
                                  generator=data_utils.make_generator(self.seed, "grid")).to(self.env.device)
@@ -57,7 +57,7 @@ class Evaluator:
         try:
             for name, net in self.model.networks().items():
                 if self.main:
-                    self._grid(name, meanflow.sample(net, grid_noise, class_labels=grid_labels)[order], step)
+                    self._grid(name, meanflow.sample(net, grid_noise, labels=grid_labels)[order], step)
                 if self.dataset == "digits" and self.main:
                     results[name] = self._digits(name, net, step)
                 if self.compute_fid:
@@ -89,8 +89,8 @@ class Evaluator:
         noise = torch.randn((self.digits.count, *self.img_shape),
                             generator=data_utils.make_generator(self.seed, "quality")).to(self.env.device)
         labels = self._labels(self.digits.count)
-        requested = None if labels is None else labels.argmax(dim=1).cpu()
-        score = self.digits.score(meanflow.sample(net, noise, class_labels=labels), labels=requested)
+        requested = None if labels is None else labels.cpu()
+        score = self.digits.score(meanflow.sample(net, noise, labels=labels), labels=requested)
         self.log(f"digits quality of {name} at step {step}, 1-step samples: FD {score['fd']:.2f}, "
                  f"confidence {score['confidence']:.3f}, classes {score['classes']:.2f}/10"
                  + (f", classified as their requested label {score['label_accuracy']:.1%}" if labels is not None else ""))

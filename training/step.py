@@ -157,7 +157,7 @@ def draw_batch(trainer: Trainer, step: int):
     The generators are the host's: CUDA's randn depends on the launch grid, i.e. on the GPU model,
     and a CPU generator gives the same numbers on every machine. Draws go to the device pinned,
     without waiting for it.
-    class_labels (one-hot [B, label_dim]) and drop ([B] bool, the labels to replace by the null
+    class_labels (class indices [B]) and drop ([B] bool, the labels to replace by the null
     class) are None for an unconditional network.
     """
     device, global_batch = trainer.device, trainer.global_batch
@@ -181,7 +181,7 @@ def draw_batch(trainer: Trainer, step: int):
     noise, t, r = (data_utils.to_device(v, device) for v in (noise, t[rows], r[rows]))
     class_labels = drop = None
     if trainer.labels is not None:
-        class_labels = meanflow.one_hot(trainer.labels[idx], trainer.model_config["label_dim"])
+        class_labels = trainer.labels[idx]
         drop = trainer.method.sample_drop(global_batch, generator=generator("label_drop"))[rows]
         class_labels, drop = data_utils.to_device(class_labels, device), data_utils.to_device(drop, device)
     return x, aug_cond, noise, t, r, class_labels, drop
@@ -196,7 +196,7 @@ def attempt_keys(attempt: int) -> tuple:
 def loss_and_backward(net, method: meanflow.MeanFlow, x, aug_cond, noise, t, r, class_labels=None,
                       drop=None) -> torch.Tensor:
     """MeanFlow loss of one batch and its backward pass (the part that torch.compile speeds up)."""
-    loss = method.loss(net, x, aug_cond, class_labels=class_labels, noise=noise, t=t, r=r, drop=drop)
+    loss = method.loss(net, x, aug_cond, labels=class_labels, noise=noise, t=t, r=r, drop=drop)
     loss.backward()
     return loss.detach()
 

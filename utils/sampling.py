@@ -51,13 +51,13 @@ def sample_noise(
 def class_indices(net, indices: torch.Tensor, classes=None) -> torch.Tensor | None:
     """LongTensor [len(indices)]: sample i's class, classes[i % len(classes)]; None for an unconditional net.
 
-    A class-conditional net has label_dim > 0 (SongUNet); classes defaults to 0..label_dim-1,
-    so any run of label_dim consecutive samples holds every class once.
+    A class-conditional net has num_classes > 0; classes defaults to 0..num_classes-1,
+    so any run of num_classes consecutive samples holds every class once.
     """
-    num_classes = getattr(net, "label_dim", 0)
+    num_classes = getattr(net, "num_classes", 0)
     if not num_classes:
         if classes is not None:
-            raise ValueError("class labels given, but the network is unconditional (label_dim 0)")
+            raise ValueError("class labels given, but the network is unconditional (num_classes 0)")
         return None
     classes = torch.arange(num_classes) if classes is None else torch.as_tensor(classes, dtype=torch.long).reshape(-1)
     if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
@@ -89,5 +89,5 @@ def generate(
         noise = sample_noise(seed, batch, img_shape, device)
         labels = class_indices(net, batch, classes)
         if labels is not None:
-            labels = meanflow.one_hot(labels, net.label_dim).to(device)
-        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps, class_labels=labels))
+            labels = labels.to(device)
+        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps, labels=labels))
