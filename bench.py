@@ -5,11 +5,11 @@
     python bench.py --preset tiny --steps 5 --warmup 2           # CPU smoke run
 
 It times training/step.py's train_step, the function the training loop runs (data gather,
-flips, augmentation, loss with its JVP, backward, gradient sync, Adam, EMA), built by train.py
-from the preset, on synthetic images of the training set's shape and number (training holds
+flips, augmentation, loss with its JVP, backward, gradient sync, Adam, EMA), built by
+training/build.py from the preset, on synthetic images of the training set's shape and number (training holds
 them all on the device, so they count in our peak memory), after a warm-up that includes
 compilation, over a window timed with CUDA events (wall clock on CPU). `--baseline DIR` times
-the authors' release training step the same way in the same process, through utils/release.py:
+the authors' release training step the same way in the same process, through tools/release.py:
 DIR is a local copy of their repository (keep it in a folder git ignores; it is not part of
 this project). Both sides use the same batch, precision settings and card, so the ratio is
 like for like (the release has no bf16 path: beside `--precision bf16` it runs TF32, and the
@@ -39,14 +39,17 @@ from torch._inductor import config as inductor_config
 from torch.utils.flop_counter import FlopCounterMode
 
 import meanflow
-import train
 from models.unet import SongUNet
-from training.services import PRECISIONS, apply_precision, memory_gib, precision_settings, quiet_jit_deprecation
-from utils.errors import USER_ERRORS, UserValueError, exit_on_user_error
-from training.step import Trainer, draw_batch, loss_and_backward, train_step
+from tools import release
+from training import config as config_lib
+from training.build import build_trainer, check_buildable
+from training.config import PRESETS, TrainConfig
+from training.log import memory_gib, quiet_jit_deprecation
+from training.precision import PRECISIONS, apply_precision, precision_settings
+from training.step import Batch, Trainer, draw_batch, loss_and_backward, train_step
 from utils import data as data_utils
-from utils import release
 from utils.distributed import init_distributed
+from utils.errors import USER_ERRORS, exit_on_user_error
 
 CHECK_ROWS = 32  # images in the numerics check against the release
 
@@ -61,7 +64,7 @@ PEAKS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--preset", default="cifar10-v1", choices=sorted(train.PRESETS), help="network and data settings")
+    p.add_argument("--preset", default="cifar10-v1", choices=sorted(PRESETS), help="network and data settings")
     p.add_argument("--batch_size", type=int, default=None, help="per-process batch (default: the preset's)")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens in the first)")
@@ -93,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size}: must be >= 1")
     if args.baseline is not None:
-        if data_utils.dataset_info(train.PRESETS[args.preset]["dataset"]).img_shape != (3, 32, 32):
+        if data_utils.dataset_info(PRESETS[args.preset]["dataset"]).img_shape != (3, 32, 32):
             p.error(f"--baseline needs a 32x32 RGB preset (cifar10-v0 / cifar10-v1), not {args.preset}: the "
                     f"release's network is fixed to CIFAR-10's shape")
         try:
@@ -107,12 +110,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def synthetic_images(cfg: dict, count: int | None = None) -> torch.Tensor:
+def synthetic_images(cfg: TrainConfig, count: int | None = None) -> torch.Tensor:
     """uint8 images of the dataset's shape: speed does not depend on their content. count: default the
     training set's size (training keeps them all on the device, so they count in our peak memory)."""
-    info = data_utils.dataset_info(cfg["dataset"])
+    info = data_utils.dataset_info(cfg.dataset)
     return torch.randint(0, 256, (count or info.train_size, *info.img_shape), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(0))
+
+
+def synthetic_data(cfg: TrainConfig) -> data_utils.ImageData:
+    """synthetic_images with labels, as the training step reads a dataset."""
+    images = synthetic_images(cfg)
+    labels = torch.arange(len(images)) % data_utils.dataset_info(cfg.dataset).num_classes
+    return data_utils.ImageData(images, labels)
 
 
 class Timer:
@@ -178,15 +188,16 @@ def compare_with_release(check: dict, release_model, device: torch.device) -> di
     release_model.net.load_state_dict(net.state_dict())
     release_model.net.eval()
     release_model.net.zero_grad(set_to_none=True)
-    x, aug_cond, noise, t, r = (None if v is None else v.to(device) for v in check["batch"])
+    batch = Batch(**{k: None if v is None else v.to(device) for k, v in check["batch"].items()})
 
-    ours_loss = loss_and_backward(net, check["method"], x, aug_cond, noise, t, r)
-    release_loss = release.release_loss_and_backward(release_model, x, aug_cond, noise=noise, t=t, r=r)
+    ours_loss = loss_and_backward(net, check["method"], batch)
+    release_loss = release.release_loss_and_backward(release_model, batch.x, batch.aug_cond, noise=batch.noise,
+                                                     t=batch.t, r=batch.r)
     release_grads = dict(release_model.net.named_parameters())
     errors = {name: (p.grad - release_grads[name].grad).norm().item()
               / max(release_grads[name].grad.norm().item(), 1e-30) for name, p in net.named_parameters()}
     worst = max(errors, key=errors.get)
-    return dict(rows=len(x), loss_ours=ours_loss.item(), loss_release=release_loss.item(),
+    return dict(rows=len(batch.x), loss_ours=ours_loss.item(), loss_release=release_loss.item(),
                 loss_relative_error=abs(ours_loss.item() - release_loss.item()) / abs(release_loss.item()),
                 gradient_worst_relative_error=errors[worst], gradient_worst_parameter=worst,
                 gradient_median_relative_error=sorted(errors.values())[len(errors) // 2])
@@ -211,54 +222,59 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def first_rows(batch: Batch, count: int, device: str | torch.device | None = None) -> Batch:
+    """The first `count` rows of every draw of a batch (on `device`, default where they are)."""
+    return Batch(**{k: None if v is None else v[:count].to(device or v.device) for k, v in vars(batch).items()})
+
+
 def model_flops(trainer: Trainer) -> dict:
     """FLOPs per image of the forward, of the training step as run, and of the step's needed work."""
     net, method = trainer.model.net, trainer.method
-    x, aug_cond, noise, t, r = (v[:2] if v is not None else None for v in draw_batch(trainer, 0)[:5])
-    flops = dict(forward_per_image=count_flops(lambda: net(x, t, t - r, aug_cond)) / 2)
-    flops["train_step_per_image"] = count_flops(lambda: loss_and_backward(net, method, x, aug_cond, noise, t, r)) / 2
+    batch = first_rows(draw_batch(trainer, 0), 2)
+    cond = meanflow.conditions(batch.labels, batch.aug_cond)
+    flops = dict(forward_per_image=count_flops(lambda: net(batch.x, batch.t, batch.t - batch.r, **cond)) / 2)
+    flops["train_step_per_image"] = count_flops(lambda: loss_and_backward(net, method, batch)) / 2
     needed = meanflow.MeanFlow(**{**vars(method), "jvp_mode": "network"})
-    flops["useful_train_step_per_image"] = count_flops(
-        lambda: loss_and_backward(net, needed, x, aug_cond, noise, t, r)) / 2
+    flops["useful_train_step_per_image"] = count_flops(lambda: loss_and_backward(net, needed, batch)) / 2
     trainer.optimizer.zero_grad(set_to_none=True)
     return flops
 
 
-def ours(args, cfg: dict, env, errors: dict) -> tuple[dict | None, dict, dict]:
+def ours(args, cfg: TrainConfig, env, errors: dict) -> tuple[dict | None, dict, dict]:
     """Figures of this repository's training step, FLOPs per image, and what compare_with_release
     needs; a failed FLOP count or timing is recorded in `errors` (and gives {} or None)."""
     # torch.compile reads this setting when it wraps the step, which building the trainer does.
     torch._dynamo.config.compiled_autograd = args.compiled_autograd
     try:
-        trainer = train.make_trainer(cfg, env, images=synthetic_images(cfg), fused_adam=args.fused_adam,
-                                     compile_mode=None if args.compile_mode == "default" else args.compile_mode)
+        trainer = build_trainer(cfg, env, data=synthetic_data(cfg), fused_adam=args.fused_adam,
+                                compile_mode=None if args.compile_mode == "default" else args.compile_mode)
         if args.memory_format == "channels_last":
             trainer.model.to(memory_format=torch.channels_last)
         # What the numerics check against the release needs, kept on the host so that it does not
         # count towards our peak memory: the network's config and first weights, a batch of draws.
         check = dict(model_config=trainer.model_config, method=trainer.method, memory_format=args.memory_format,
                      state={k: v.detach().cpu().clone() for k, v in trainer.model.net.state_dict().items()},
-                     batch=[None if v is None else v[:CHECK_ROWS].cpu() for v in draw_batch(trainer, 0)[:5]])
+                     batch=vars(first_rows(draw_batch(trainer, 0), CHECK_ROWS, "cpu")))
         flops = {} if args.no_flops else attempt(errors, "flops", lambda: model_flops(trainer)) or {}
         figures = attempt(errors, "ours", lambda: measure(lambda i: train_step(trainer, i), trainer.device,
-                                                          args.warmup, args.steps, cfg["batch_size"]))
+                                                          args.warmup, args.steps, cfg.batch_per_process))
     finally:
         torch._dynamo.config.compiled_autograd = False
     return figures, flops, check
 
 
-def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: dict) -> tuple[dict, dict | None]:
+def baseline(args, cfg: TrainConfig, device: torch.device, check: dict | None, errors: dict) -> tuple[dict, dict | None]:
     """Figures of the release's training step (the body of its train_one_epoch) on the same data,
     and the comparison of its loss and gradients with ours (compare_with_release; None without
     `check` or when it fails, which is recorded in `errors`)."""
     with release.release_modules(Path(args.baseline)):
-        flags = release.release_flags(**{k: cfg[k] for k in release.SETTINGS})
-        images = synthetic_images(cfg, max(4 * cfg["batch_size"], 1024)).to(device)
-        model, optimizer, one_step = release.release_step(flags=flags, images=images, batch=cfg["batch_size"],
+        flags = release.release_flags(**{k: cfg.flags()[k] for k in release.SETTINGS})
+        images = synthetic_images(cfg, max(4 * cfg.batch_per_process, 1024)).to(device)
+        model, optimizer, one_step = release.release_step(flags=flags, images=images, batch=cfg.batch_per_process,
                                                           device=device,
                                                           channels_last=args.memory_format == "channels_last")
         figures = attempt(errors, "release", lambda: measure(one_step, device, args.warmup, args.steps,
-                                                             cfg["batch_size"]))
+                                                             cfg.batch_per_process))
         optimizer.zero_grad(set_to_none=True)
         if check is None:
             return figures, None
@@ -275,15 +291,13 @@ def baseline(args, cfg: dict, device: torch.device, check: dict | None, errors: 
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_jit_deprecation()
-    flags = ["--preset", args.preset, "--jvp_mode", args.jvp_mode, "--precision", args.precision]
-    flags += ["--batch_size", str(args.batch_size)] if args.batch_size else []
-    flags += ["--device", args.device] if args.device else []
-    flags += {"on": ["--compile"], "off": ["--not_compile"], None: []}[args.compile]
-    try:
-        cfg = train.resolve_config(flags)
-    except ValueError as e:  # a value out of range for training, e.g. --batch_size
-        raise UserValueError(str(e)) from e
-    env = init_distributed(cfg["device"])
+    given = dict(preset=args.preset, jvp_mode=args.jvp_mode, precision=args.precision)
+    given.update({k: v for k, v in dict(batch_size=args.batch_size, device=args.device).items() if v is not None})
+    if args.compile is not None:
+        given["compile"] = args.compile == "on"
+    cfg = config_lib.resolve(given, cuda_available=torch.cuda.is_available())
+    check_buildable(cfg)
+    env = init_distributed(cfg.device)
     device = env.device
     apply_precision(args.precision)
     if args.memory_format == "channels_last":
@@ -295,8 +309,8 @@ def main(argv=None) -> int:
     # The release has no low-precision path: beside our bf16 it runs (and is measured against) TF32.
     precisions = dict(ours=args.precision, release="fp32" if args.precision == "fp32" else "tf32")
 
-    report = dict(device=name, torch=torch.__version__, preset=args.preset, batch_size=cfg["batch_size"],
-                  jvp_mode=args.jvp_mode, compile=cfg["compile"], compile_mode=args.compile_mode,
+    report = dict(device=name, torch=torch.__version__, preset=args.preset, batch_size=cfg.batch_per_process,
+                  jvp_mode=args.jvp_mode, compile=cfg.compile, compile_mode=args.compile_mode,
                   precision=args.precision, memory_format=args.memory_format, fused_adam=args.fused_adam,
                   date=time.strftime("%Y-%m-%d"))
     errors = report["errors"] = {}
@@ -324,8 +338,8 @@ def main(argv=None) -> int:
         if report["ours"] is not None and report["release"] is not None:
             report["speedup"] = report["ours"]["images_per_s"] / report["release"]["images_per_s"]
 
-    print(f"device {name} | torch {torch.__version__} | preset {args.preset} | batch {cfg['batch_size']} | "
-          f"jvp {args.jvp_mode} | compile {cfg['compile']} ({args.compile_mode}) | {args.precision} | "
+    print(f"device {name} | torch {torch.__version__} | preset {args.preset} | batch {cfg.batch_per_process} | "
+          f"jvp {args.jvp_mode} | compile {cfg.compile} ({args.compile_mode}) | {args.precision} | "
           f"{args.memory_format}" + (" | fused Adam" if args.fused_adam else ""))
     if report["flops"]:
         f = report["flops"]

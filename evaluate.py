@@ -6,40 +6,25 @@
 
 Protocol: ``--fid_samples`` samples (50,000 by default) per network and number of steps, each from
 noise seeded by (seed, sample index), quantised to uint8 by rounding, against the Inception
-statistics of the whole training set (computed once and cached, or given with --ref).
+statistics of the whole training set (computed once and cached, or given with --ref). A checkpoint
+of a dataset whose quality figure is not FID (the digits) is scored by that figure instead.
 """
 
 import argparse
 import json
 import sys
 
-from sample import HelpFormatter, load_model, parse_model_config
-from utils.checkpoint import available_networks, load_checkpoint
-from utils.data import DATASETS
+import torch
+
+from training.build import load_network
+from training.sampling import fid_of_network, sample_images
+from utils.checkpoint import available_networks, checkpoint_dataset, ema_decays, load_checkpoint
+from utils.cli import HelpFormatter, parse_model_config
+from utils.data import DATASETS, dataset_info
 from utils.distributed import cleanup, init_distributed
 from utils.errors import UserValueError, exit_on_user_error
-from utils.fid import fid_of_network, load_stats, reference_key, reference_path, reference_stats, save_stats
+from utils.fid import load_stats, reference_key, reference_path, reference_stats, save_stats
 from utils.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionFeatures
-
-
-def checkpoint_dataset(ckpt: dict) -> str | None:
-    """Training dataset recorded in a checkpoint (ours: config['dataset']; the authors': args.dataset)."""
-    config = ckpt.get("config")
-    if isinstance(config, dict) and config.get("dataset"):
-        return str(config["dataset"])
-    return getattr(ckpt.get("args"), "dataset", None)
-
-
-def ema_decays(ckpt: dict) -> dict:
-    """{network name: EMA decay} as far as the checkpoint records them (ours: ema_decays; the authors': args)."""
-    if isinstance(ckpt.get("ema_decays"), dict):
-        return dict(ckpt["ema_decays"])
-    args = ckpt.get("args")
-    if args is not None and hasattr(args, "ema_decay"):
-        extra = list(getattr(args, "ema_decays", []))
-        return {name: d for name, d in zip(["net_ema"] + [f"net_ema{i + 1}" for i in range(len(extra))],
-                                          [args.ema_decay] + extra)}
-    return {}
 
 
 def select_networks(ckpt: dict, requested: list[str]) -> list[str]:
@@ -54,12 +39,12 @@ def select_networks(ckpt: dict, requested: list[str]) -> list[str]:
     return requested
 
 
-def format_table(rows: list[dict]) -> str:
-    """Plain-text table of FID rows (ema, decay, steps, fid)."""
-    lines = [f"{'network':<10} {'decay':>8} {'steps':>5} {'FID':>9}"]
+def format_table(rows: list[dict], figure: str = "fid") -> str:
+    """Plain-text table of result rows (ema, decay, steps, and the figure)."""
+    lines = [f"{'network':<10} {'decay':>8} {'steps':>5} {figure.upper():>9}"]
     for r in rows:
         decay = "-" if r["decay"] is None else f"{r['decay']:g}"
-        lines.append(f"{r['ema']:<10} {decay:>8} {r['steps']:>5} {r['fid']:>9.3f}")
+        lines.append(f"{r['ema']:<10} {decay:>8} {r['steps']:>5} {r[figure]:>9.3f}")
     return "\n".join(lines)
 
 
@@ -69,12 +54,15 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
     try:
         ckpt = load_checkpoint(args.ckpt)
         names = select_networks(ckpt, args.ema)
+        dataset = args.dataset or checkpoint_dataset(ckpt)
+        config = parse_model_config(args.model_config)
+        if dataset is not None and not args.ref and dataset_info(dataset).quality == "digits":
+            return digits_rows(args, ckpt, names, config, env)
         extractor = InceptionFeatures(args.inception_weights, device=env.device, download=not args.no_download)
         if args.ref:
             ref = load_stats(args.ref)
             ref_name = args.ref
         else:
-            dataset = args.dataset or checkpoint_dataset(ckpt)
             if not dataset:
                 raise UserValueError(f"{args.ckpt} does not record its dataset: pass --dataset or --ref FILE.npz")
             ref = reference_stats(dataset, data_path=args.data_path, split="train", extractor=extractor,
@@ -83,28 +71,64 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
             ref_name = reference_path(dataset, split="train", extractor=extractor, cache_dir=args.cache_dir,
                                       data_path=args.data_path)
         decays = ema_decays(ckpt)
-        config = parse_model_config(args.model_config)
         rows = []
         for name in names:
-            net, shape = load_model(ckpt, ema=name, model_config=config, device=env.device)
+            net = load_network(ckpt, ema=name, model_config=config, device=env.device)
             for steps in args.steps:
                 fid = fid_of_network(net, ref=ref, num_samples=args.fid_samples, batch_size=args.batch_size,
-                                     img_shape=shape, seed=args.seed, steps=steps, extractor=extractor,
+                                     img_shape=image_shape(net), seed=args.seed, steps=steps, extractor=extractor,
                                      device=env.device, env=env, progress=main)
                 rows.append(dict(ema=name, decay=decays.get(name), steps=steps, fid=fid))
                 if main:
                     print(f"{name} {steps}-step FID {fid:.3f}", flush=True)
         if main:
             print(format_table(rows))
-            if args.out:
-                result = dict(ckpt=args.ckpt, ref=ref_name, extractor=extractor.key, fid_samples=args.fid_samples,
-                              seed=args.seed, world_size=env.world_size, results=rows)
-                with open(args.out, "w") as f:
-                    json.dump(result, f, indent=2)
-                print(f"wrote {args.out}")
+            write_results(args, dict(ref=ref_name, extractor=extractor.key), rows, env)
         return rows
     finally:
         cleanup()
+
+
+def digits_rows(args: argparse.Namespace, ckpt: dict, names: list[str], config: dict | None, env) -> list[dict]:
+    """The digits quality figure (utils/digits_quality.py) of each network and number of steps: its samples
+    0..296 (one per held-out digit) against the training digits; rank 0 scores, every rank samples."""
+    from utils.digits_quality import DigitsQuality
+    quality = DigitsQuality(seed=args.seed) if env.rank == 0 else None
+    count = 297  # the held-out digits: the figure's sample size
+    decays, rows = ema_decays(ckpt), []
+    for name in names:
+        net = load_network(ckpt, ema=name, model_config=config, device=env.device)
+        for steps in args.steps:
+            images = sample_images(net, num_samples=count, img_shape=image_shape(net), seed=args.seed, steps=steps,
+                                   batch_size=args.batch_size, device=env.device, env=env)
+            if env.rank == 0:
+                labels = None
+                if getattr(net, "num_classes", 0):
+                    labels = torch.arange(count) % net.num_classes
+                score = quality.score(images, labels=labels)
+                rows.append(dict(ema=name, decay=decays.get(name), steps=steps, **score))
+                print(f"{name} {steps}-step digits quality: FD {score['fd']:.3f}, confidence "
+                      f"{score['confidence']:.3f}, classes {score['classes']:.2f}/10"
+                      + (f", classified as their requested label {score['label_accuracy']:.1%}"
+                         if labels is not None else ""), flush=True)
+    if env.rank == 0:
+        print(format_table(rows, figure="fd"))
+        write_results(args, dict(figure="digits quality (FD of a digit classifier's features)"), rows, env)
+    return rows
+
+
+def image_shape(net) -> tuple[int, int, int]:
+    """(C, H, W) of a network's samples (the network convention's attributes)."""
+    return (net.in_channels, net.img_resolution, net.img_resolution)
+
+
+def write_results(args: argparse.Namespace, about: dict, rows: list[dict], env) -> None:
+    if args.out:
+        result = dict(ckpt=args.ckpt, **about, fid_samples=args.fid_samples, seed=args.seed,
+                      world_size=env.world_size, results=rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
 
 
 def run_ref(args: argparse.Namespace) -> None:

@@ -57,12 +57,13 @@ if [[ $device == cuda ]]; then
   python - "$out" >"$out/sync.log" 2>&1 <<'EOF'
 import sys, warnings
 import torch
-import train
+from training.build import build_trainer
+from training.config import resolve
 from training.step import train_step
 from utils.distributed import init_distributed
 
-cfg = train.resolve_config(["--preset", "tiny", "--device", "cuda", "--compile", "--output_dir", ""])
-trainer = train.make_trainer(cfg, init_distributed("cuda"))
+cfg = resolve(dict(preset="tiny", device="cuda", compile=True, output_dir=""), cuda_available=True)
+trainer = build_trainer(cfg, init_distributed("cuda"))
 for step in range(3):  # compilation, and the first steps' one-off work
     train_step(trainer, step)
 torch.cuda.synchronize()
@@ -126,13 +127,14 @@ code=$?
 if ((code == 0)) && [[ -f $out/samples.npz && -f $out/grid.png ]]; then status=pass; else status=fail; fi
 record sample $status "exit $code"
 
-# evaluate: FID if the Inception weights are here, else the message saying where to put them.
+# evaluate: the dataset's figure (the tiny preset's digits: their quality figure; FID for CIFAR-10 when the
+# Inception weights are here, else the message saying where to put them).
 python evaluate.py --ckpt "$ckpt" --ema net_ema --fid_samples 64 --batch_size 64 --no_download \
   --cache_dir "$out/fid_refs" --device "$device" >"$out/evaluate.log" 2>"$out/evaluate.err"
 code=$?
 cat "$out/evaluate.err" >>"$out/evaluate.log"
-if ((code == 0)) && grep -q "1-step FID" "$out/evaluate.log"; then
-  record evaluate pass "$(grep -m1 '1-step FID' "$out/evaluate.log")"
+if ((code == 0)) && grep -qE "1-step (FID|digits quality)" "$out/evaluate.log"; then
+  record evaluate pass "$(grep -m1 -E '1-step (FID|digits quality)' "$out/evaluate.log")"
 elif ((code == 1)) && [[ $(wc -l <"$out/evaluate.err") == 1 ]] && grep -q "^error: .*weights-inception" "$out/evaluate.err"; then
   record evaluate pass "no Inception weights here: one error line names the file"
 else

@@ -12,17 +12,15 @@ back-propagates through that JVP. Two deliberate choices follow from this:
 * Group normalisation is written out with `torch.var_mean` instead of `F.group_norm`:
   `F.group_norm` works under an eager JVP, but `torch.compile` of a JVP through it fails
   (internal assert in `_fw_primal`, pytorch/pytorch#152185; still so in torch 2.14). The
-  explicit version is not slower eagerly (CPU, one thread, x [8, 256, 16, 16], 32 groups,
-  jvp + backward, min of 7: 21 ms against 23 ms for F.group_norm) and inductor fuses it (1.6 ms).
+  explicit version is not slower (docs/benchmarks.md, "Layer choices under JVP").
 * Attention is plain matmul + softmax in (at least) float32. The fused flash and
   memory-efficient SDPA kernels have no forward-mode AD (pytorch/pytorch#128971, #154226),
-  and EDM's attention is a custom autograd.Function, which has none either. On CPU (qkv
-  [4, 768, 256], jvp + backward, min of 7) matmul took 67 ms eager / 61 ms compiled, einsum
-  81 / 58 ms, SDPA 70 / 60 ms and SDPA forced to its math backend 70 / 57 ms: no real
-  difference, so we take the version that cannot select a kernel without forward AD on any device.
+  and EDM's attention is a custom autograd.Function, which has none either. On CPU the
+  alternatives cost the same (docs/benchmarks.md), so we take the version that cannot select a
+  kernel without forward AD on any device.
 
 MeanFlow's `jvp_mode="network"` computes u and its tangent with hand-written rules instead
-(models/unet_tangent.py), walking these same modules; nothing here knows about it.
+(models/unet_tangent.py, offered as `SongUNet.forward_and_tangent`), walking these same modules.
 """
 
 import math

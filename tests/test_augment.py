@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from models.augment import NUM_LABELS, AugmentPipe
+from utils.augment import NUM_LABELS, AugmentPipe
 
 
 def gen(seed: int) -> torch.Generator:

@@ -26,11 +26,11 @@ def test_cpu_smoke_run_reports_every_figure(tmp_path):
 
 def test_forward_flops_match_an_independent_count_for_the_tiny_network():
     """The counter's convolution and matmul FLOPs equal 2*MACs summed by hand over the layers."""
-    import train
+    from models.networks import unet_config
     from models.unet import SongUNet
 
-    cfg = train.resolve_config(["--preset", "tiny", "--device", "cpu"])
-    net = SongUNet(**train.unet_config(cfg, (1, 8, 8)))
+    net = SongUNet(**unet_config((1, 8, 8), model_channels=4, channel_mult=[1, 2], num_blocks=1,
+                                 attn_resolutions=[4], use_edm_aug=True))
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
     macs = []
 
@@ -51,14 +51,16 @@ def test_forward_flops_match_an_independent_count_for_the_tiny_network():
 def test_fused_adam_trains_as_the_default_adam():
     """--fused_adam changes the implementation only: the same three steps give the same weights."""
     import train
+    from training.build import build_trainer
     from training.step import train_step
+    from utils.data import ImageData
     from utils.distributed import init_distributed
 
     cfg = train.resolve_config(["--preset", "tiny", "--device", "cpu", "--not_compile"])
     env = init_distributed("cpu")
     images = bench.synthetic_images(cfg, 64)
-    default = train.make_trainer(cfg, env, images=images)
-    fused = train.make_trainer(cfg, env, images=images, fused_adam=True)
+    default = build_trainer(cfg, env, data=ImageData(images, torch.zeros(64)))
+    fused = build_trainer(cfg, env, data=ImageData(images, torch.zeros(64)), fused_adam=True)
     first = {k: v.clone() for k, v in default.model.net.state_dict().items()}
     assert fused.optimizer.defaults["fused"] and not default.optimizer.defaults["fused"]
     assert {k: v for k, v in fused.optimizer.defaults.items() if k not in ("fused", "foreach")} == \
@@ -155,14 +157,17 @@ def test_numerics_check_feeds_the_release_our_draws(norm_p, equal):
     """Against a model built like the release's, the check finds the same loss and gradients, and
     a different loss (another norm_p) shows up as a difference."""
     import train
+    from models.networks import unet_config
+    from training.build import build_method
 
     cfg = train.resolve_config(["--preset", "tiny", "--device", "cpu"])
-    config = train.unet_config(cfg, (3, 8, 8))
+    config = unet_config((3, 8, 8), model_channels=4, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                         dropout=0.0, use_edm_aug=True)
     gen = torch.Generator().manual_seed(0)
-    batch = [torch.rand(3, 3, 8, 8, generator=gen) * 2 - 1, torch.randn(3, 6, generator=gen),
-             torch.randn(3, 3, 8, 8, generator=gen), torch.tensor([0.9, 0.5, 0.3]), torch.tensor([0.1, 0.5, 0.0])]
-    check = dict(model_config=config, method=train.make_method(cfg), batch=batch,
-                 state=SongUNet(**config).state_dict())
+    batch = dict(x=torch.rand(3, 3, 8, 8, generator=gen) * 2 - 1, aug_cond=torch.randn(3, 6, generator=gen),
+                 noise=torch.randn(3, 3, 8, 8, generator=gen), t=torch.tensor([0.9, 0.5, 0.3]),
+                 r=torch.tensor([0.1, 0.5, 0.0]))
+    check = dict(model_config=config, method=build_method(cfg), batch=batch, state=SongUNet(**config).state_dict())
     release = _ReleaseLikeModel(config, norm_p=norm_p)
     result = bench.compare_with_release(check, release, torch.device("cpu"))
     assert result["rows"] == 3

@@ -1,4 +1,5 @@
-"""utils/checkpoint.py: atomic writes, safe loading, and rebuilding the authors' networks from weights."""
+"""utils/checkpoint.py: atomic writes, safe loading; models/networks.py and training/build.py: rebuilding
+the authors' networks from weights."""
 import argparse
 import inspect
 import re
@@ -9,7 +10,9 @@ import torch
 
 import utils.checkpoint as ckpt_io
 from models.unet import CIFAR10_CONFIG, SongUNet
-from utils.checkpoint import available_networks, infer_unet_config, load_checkpoint, load_network, save_checkpoint
+from models.networks import infer_unet_config
+from training.build import available_networks, load_network
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.errors import UserError, UserFileError
 
 
@@ -79,8 +82,8 @@ def test_folder_that_is_a_file(tmp_path):
 def test_atomic_write_is_the_writer_of_statistics_and_samples(tmp_path, monkeypatch):
     import numpy as np
 
-    import sample
     from utils.fid import load_stats, save_stats
+    from utils.images import save_npz
 
     path = tmp_path / "stats.npz"
     save_stats(str(path), np.zeros(3), np.eye(3), key="k")
@@ -90,7 +93,7 @@ def test_atomic_write_is_the_writer_of_statistics_and_samples(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "savez", half_then_fail)
     for write in (lambda: save_stats(str(path), np.ones(3), np.eye(3)),
-                  lambda: sample.save_npz(str(path), torch.zeros(1, 1, 2, 2, dtype=torch.uint8))):
+                  lambda: save_npz(str(path), torch.zeros(1, 1, 2, 2, dtype=torch.uint8))):
         with pytest.raises(UserFileError, match="No space left.*unchanged"):
             write()
     monkeypatch.undo()

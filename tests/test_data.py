@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data import (batch_indices, fold_seed, load_dataset, load_digits_labels, make_generator, random_hflip,
+from utils.data import (batch_indices, fold_seed, load_dataset, make_generator, open_dataset, random_hflip,
                         steps_per_epoch, to_device, to_float)
 
 
@@ -72,7 +72,7 @@ def test_digits_shapes_range_and_split():
     originals = torch.round(torch.from_numpy(load_digits().images) * 255 / 16).to(torch.uint8)
     assert sorted(torch.cat([train, test]).flatten(1).tolist()) == sorted(originals.flatten(1).tolist())
     # Labels follow the same rows: (image, label) pairs of both splits are the original pairs.
-    labels = torch.cat([load_digits_labels(True), load_digits_labels(False)])
+    labels = torch.cat([open_dataset("digits", train=True).labels, open_dataset("digits", train=False).labels])
     pairs = [row + [y] for row, y in zip(torch.cat([train, test]).flatten(1).tolist(), labels.tolist())]
     expected = [row + [y] for row, y in zip(originals.flatten(1).tolist(), load_digits().target.tolist())]
     assert sorted(pairs) == sorted(expected)
@@ -122,8 +122,10 @@ def test_mnist_matches_release_transform(tmp_path):
     for split in ("train", "t10k"):  # torchvision checks that both splits are present
         _write_idx(raw / f"{split}-images-idx3-ubyte", digits)
         _write_idx(raw / f"{split}-labels-idx1-ubyte", np.array([1, 2, 3]))
-    ours = load_dataset("mnist", data_path=tmp_path, train=False, download=False)
+    split = open_dataset("mnist", data_path=tmp_path, train=False, download=False)
+    ours = split.images
     assert ours.shape == (3, 3, 32, 32) and ours.dtype == torch.uint8
+    assert split.labels.tolist() == [1, 2, 3] and split.labels.dtype == torch.long
     # The release's pipeline gives floats k/255 of the same uint8 values.
     release = Compose([Resize((32, 32)), Grayscale(num_output_channels=3), ToImage(),
                        ToDtype(torch.float32, scale=True)])
@@ -160,3 +162,42 @@ def test_to_device_pins_a_contiguous_source(monkeypatch):
 def test_to_device_copies_views_to_cuda():
     theta = torch.arange(36.0).view(4, 3, 3)[:, :2, :]
     assert torch.equal(to_device(theta, "cuda").cpu(), theta)
+
+
+def test_cifar10_python_batches_load_with_their_labels(tmp_path):
+    """CIFAR-10's own format: pickled dicts of 'data' (rows of 1024 red, 1024 green, 1024 blue bytes) and
+    'labels', five training batches in order, then test_batch."""
+    import pickle
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = dict(data=rng.integers(0, 256, size=(2, 3072), dtype=np.uint8),
+                             labels=rng.integers(0, 10, size=2).tolist())
+        with open(folder / name, "wb") as f:
+            pickle.dump(batches[name], f)
+    train = open_dataset("cifar10", data_path=tmp_path, train=True, download=False)
+    assert train.images.shape == (10, 3, 32, 32) and len(train) == 10 and train.shape == (3, 32, 32)
+    first = batches["data_batch_1"]["data"][1]
+    assert torch.equal(train.images[1, 2], torch.from_numpy(first[2048:].reshape(32, 32)))  # blue plane, row-major
+    assert train.labels.tolist() == sum((batches[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+    test = open_dataset("cifar10", data_path=tmp_path, train=False, download=False)
+    assert test.labels.tolist() == batches["test_batch"]["labels"] and len(test) == 2
+
+
+def test_image_data_batch_flips_with_the_keyed_coin_of_the_global_batch():
+    """ImageData.batch: the rows' images in [-1, 1], mirrored where the global batch's coin says so."""
+    from utils.data import ImageData
+    images = torch.randint(0, 256, (6, 1, 2, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = ImageData(images, torch.arange(6))
+    idx = torch.tensor([5, 0, 3, 1])
+    whole = data.batch(idx, generator=lambda p: make_generator(0, p), rows=slice(0, 4), total=4, flip=True,
+                       device="cpu")
+    expected = random_hflip(to_float(images[idx]), make_generator(0, "flip"))
+    assert torch.equal(whole, expected)
+    part = data.batch(idx[2:], generator=lambda p: make_generator(0, p), rows=slice(2, 4), total=4, flip=True,
+                      device="cpu")
+    assert torch.equal(part, whole[2:])
+    assert torch.equal(data.batch(idx, generator=None, rows=slice(0, 4), total=4, flip=False, device="cpu"),
+                       to_float(images[idx]))

@@ -35,7 +35,7 @@ def test_demo_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MEANFLOW_DEMO_CKPT", str(ckpt))
-    # No Inception weights here: the FID cell must print a note instead of failing or downloading.
+    # No Inception weights here: nothing may ask for them.
     monkeypatch.setenv("MEANFLOW_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
     nb = nbformat.read(ROOT / "demo.ipynb", as_version=4)
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
@@ -46,4 +46,5 @@ def test_demo_notebook_runs(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert len(images) == 2, text
     assert "1-step samples" in text and "2-step samples" in text
-    assert "FID skipped" in text and "weights-inception-2015-12-05-6726825d.pth" in text
+    # A digits checkpoint: its figure, no Inception weights asked for.
+    assert "1 step(s): digits FD" in text and "FID skipped: not the figure of digits" in text

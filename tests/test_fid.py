@@ -15,6 +15,8 @@ import torch.distributed
 import torch.multiprocessing as mp
 
 from conftest import free_port
+import training.sampling as sampling
+import utils.checkpoint as ckpt_io
 import utils.fid as fid
 import utils.inception as inception
 from utils.distributed import DistEnv, cleanup
@@ -134,11 +136,11 @@ def test_fid_does_not_depend_on_batch_size_and_restores_train_mode():
     ext = FakeExtractor()
     ref = fid.dataset_stats(torch.rand(40, 3, 4, 4) * 2 - 1, extractor=ext, progress=False)
     kw = dict(ref=ref, num_samples=30, img_shape=(3, 4, 4), seed=5, extractor=ext, progress=False)
-    a = fid.fid_of_network(toy_net, batch_size=7, **kw)
-    b = fid.fid_of_network(toy_net, batch_size=30, **kw)
+    a = sampling.fid_of_network(toy_net, batch_size=7, **kw)
+    b = sampling.fid_of_network(toy_net, batch_size=30, **kw)
     assert a == pytest.approx(b, rel=1e-10) and a > 0
     net = EvalCheckNet().train()
-    fid.fid_of_network(net, batch_size=16, **kw)
+    sampling.fid_of_network(net, batch_size=16, **kw)
     assert net.training
 
 
@@ -148,10 +150,10 @@ def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
     try:
         env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
         calls = []
-        distance = fid.frechet_distance
-        fid.frechet_distance = lambda *args, **kwargs: calls.append(1) or distance(*args, **kwargs)
-        value = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=4, img_shape=(3, 4, 4), seed=2,
-                                   steps=2, extractor=FakeExtractor(), env=env, progress=False)
+        distance = sampling.frechet_distance
+        sampling.frechet_distance = lambda *args, **kwargs: calls.append(1) or distance(*args, **kwargs)
+        value = sampling.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=4, img_shape=(3, 4, 4), seed=2,
+                                        steps=2, extractor=FakeExtractor(), env=env, progress=False)
         np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array([value, len(calls)]))
     finally:
         cleanup()
@@ -159,8 +161,8 @@ def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
 
 def test_fid_two_gloo_processes_equal_one(tmp_path):
     ref = fid.dataset_stats(torch.rand(50, 3, 4, 4) * 2 - 1, extractor=FakeExtractor(), progress=False)
-    single = fid.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=10, img_shape=(3, 4, 4), seed=2,
-                                steps=2, extractor=FakeExtractor(), progress=False)
+    single = sampling.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=10, img_shape=(3, 4, 4), seed=2,
+                                     steps=2, extractor=FakeExtractor(), progress=False)
     mp.spawn(_fid_worker, args=(free_port(), str(tmp_path), ref), nprocs=2, join=True)
     values, calls = zip(*(np.load(tmp_path / f"fid{r}.npy") for r in range(2)))
     assert values[0] == values[1]
@@ -316,13 +318,13 @@ def test_evaluate_cli_table_json_and_ref_tool(fixtures_dir, tmp_path, monkeypatc
     monkeypatch.setattr(fid, "load_dataset", lambda *a, **k: real)
     common = ["--data_path", str(tmp_path), "--device", "cpu", "--batch_size", "4"]
 
-    evaluate.main(["ref", "--dataset", "digits", "--out", str(tmp_path / "copy.npz")] + common)
-    cached = tmp_path / "fid_refs" / "digits-train-fake-v1.npz"
+    evaluate.main(["ref", "--dataset", "mnist", "--out", str(tmp_path / "copy.npz")] + common)
+    cached = tmp_path / "fid_refs" / "mnist-train-fake-v1.npz"
     assert cached.is_file() and np.allclose(np.load(tmp_path / "copy.npz")["mu"], np.load(cached)["mu"])
 
     out = tmp_path / "results.json"
     rows = evaluate.main(["--ckpt", str(fixtures_dir / "official_unet_small.pt"), "--fid_samples", "6",
-                          "--steps", "1", "2", "--ema", "all", "--dataset", "digits", "--out", str(out)] + common)
+                          "--steps", "1", "2", "--ema", "all", "--dataset", "mnist", "--out", str(out)] + common)
     assert [(r["ema"], r["steps"]) for r in rows] == [(n, s) for n in ("net_ema", "net_ema1", "net_ema2") for s in (1, 2)]
     assert json.loads(out.read_text())["results"] == rows
     assert "net_ema1" in capsys.readouterr().out
@@ -335,15 +337,15 @@ def test_evaluate_cli_table_json_and_ref_tool(fixtures_dir, tmp_path, monkeypatc
     with pytest.raises(ValueError, match="available"):
         evaluate.select_networks({"model": torch.load(fixtures_dir / "official_unet_small.pt")["model"]}, ["net_ema7"])
     authors = {"args": argparse.Namespace(dataset="cifar10", ema_decay=0.9999, ema_decays=[0.99995, 0.9996])}
-    assert evaluate.checkpoint_dataset(authors) == "cifar10"
-    assert evaluate.ema_decays(authors) == {"net_ema": 0.9999, "net_ema1": 0.99995, "net_ema2": 0.9996}
+    assert ckpt_io.checkpoint_dataset(authors) == "cifar10"
+    assert ckpt_io.ema_decays(authors) == {"net_ema": 0.9999, "net_ema1": 0.99995, "net_ema2": 0.9996}
 
 
 def test_evaluate_cli_user_error_is_one_line(fixtures_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "torch"),
                MEANFLOW_INCEPTION_WEIGHTS=str(tmp_path / "missing.pth"))
     run = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(fixtures_dir / "official_unet_small.pt"),
-                          "--dataset", "digits", "--no_download", "--device", "cpu"],
+                          "--dataset", "mnist", "--no_download", "--device", "cpu"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     lines = run.stderr.strip().splitlines()
@@ -365,8 +367,28 @@ def test_evaluate_cli_unknown_ema_and_programming_error(fixtures_dir, tmp_path, 
     def broken(*args, **kwargs):
         raise TypeError("a bug, not a user error")
 
-    monkeypatch.setattr(fid, "fid_of_network", broken)
+    monkeypatch.setattr(sampling, "fid_of_network", broken)
     monkeypatch.setattr(sys, "argv", argv + ["--ema", "net"])
     with pytest.raises(TypeError, match="a bug"):  # propagates: Python prints its traceback
         runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
     assert "error:" not in capsys.readouterr().err
+
+
+def test_evaluate_scores_a_digits_checkpoint_by_the_digits_figure_without_inception(tmp_path, capsys):
+    """The dataset table says which figure applies: a digits checkpoint needs no Inception weights."""
+    import evaluate
+    import train
+
+    out = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--device", "cpu", "--not_compile", "--max_steps", "2",
+                       "--output_dir", str(out)]) == 0
+    missing = tmp_path / "missing.pth"
+    os.environ["MEANFLOW_INCEPTION_WEIGHTS"] = str(missing)
+    try:
+        rows = evaluate.main(["--ckpt", str(out / "checkpoint-last.pth"), "--ema", "net_ema", "--device", "cpu",
+                              "--out", str(tmp_path / "r.json")])
+    finally:
+        del os.environ["MEANFLOW_INCEPTION_WEIGHTS"]
+    assert [(r["ema"], r["steps"]) for r in rows] == [("net_ema", 1)]
+    assert rows[0]["fd"] > 0 and 0 < rows[0]["confidence"] <= 1 and rows[0]["count"] == 297
+    assert "net_ema 1-step digits quality: FD" in capsys.readouterr().out

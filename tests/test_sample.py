@@ -1,5 +1,5 @@
-"""sample.py and utils/sampling.py: the authors' checkpoint layout loads and samples as their code does; output
-independent of batching; user errors end in one line (utils/errors.py)."""
+"""sample.py, training/sampling.py and utils/sampling.py: the authors' checkpoint layout loads and samples as
+their code does; output independent of batching; user errors end in one line (utils/errors.py)."""
 
 import os
 import runpy
@@ -17,8 +17,12 @@ from PIL import Image
 from conftest import free_port
 import meanflow
 import sample
+from training.build import load_network
+from training.sampling import sample_images
+from utils.cli import parse_model_config
 from utils.distributed import DistEnv, cleanup
 from utils.errors import UserFileError, UserValueError, exit_on_user_error
+from utils.images import image_grid
 from utils.sampling import sample_noise, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +48,8 @@ def test_official_network_reproduces_reference_one_step_sample(fixtures_dir):
     expected = ref["outputs"]["sample_1step_net_ema1"]
     # With the stored config, and inferred from the weights alone as for the authors' checkpoints.
     for ckpt in (str(path), {"model": ref["model"]}):
-        net, shape = sample.load_model(ckpt, ema="net_ema1")
-        assert shape == (3, 32, 32)
+        net = load_network(ckpt, ema="net_ema1")
+        assert (net.in_channels, net.img_resolution) == (3, 32)
         out = meanflow.sample(net, ref["inputs"]["noise"], steps=1)
         rel = (out - expected).norm() / expected.norm()
         assert rel < 1e-4, f"relative error {rel:.2e}"
@@ -61,8 +65,8 @@ def test_cli_output_does_not_depend_on_batch_size(fixtures_dir, tmp_path):
     assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
     # Sample i is the sampler applied to the noise of (seed, i).
-    net, shape = sample.load_model(ckpt, ema="net_ema1")
-    x = to_uint8(meanflow.sample(net, sample_noise(3, torch.tensor([4]), shape), steps=2))
+    net = load_network(ckpt, ema="net_ema1")
+    x = to_uint8(meanflow.sample(net, sample_noise(3, torch.tensor([4]), (3, 32, 32)), steps=2))
     assert np.array_equal(a[4], x[0].permute(1, 2, 0).numpy())
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (3 * 34 + 2, 2 * 34 + 2)
@@ -70,7 +74,7 @@ def test_cli_output_does_not_depend_on_batch_size(fixtures_dir, tmp_path):
 
 def test_image_grid_enlarges_small_grey_images():
     images = torch.arange(4 * 64, dtype=torch.uint8).reshape(4, 1, 8, 8)
-    grid = sample.image_grid(images, nrow=2, padding=0)
+    grid = image_grid(images, nrow=2, padding=0)
     assert grid.size == (64, 64) and grid.mode == "RGB"
     assert np.asarray(grid)[:32, :32, 0].tolist() == np.kron(images[0, 0].numpy(), np.ones((4, 4))).tolist()
 
@@ -79,9 +83,9 @@ def test_cli_needs_an_output_and_parses_model_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--ckpt", "x.pth"])
     assert "nothing to write" in capsys.readouterr().err
-    assert sample.parse_model_config('{"model_channels": 8}') == {"model_channels": 8}
+    assert parse_model_config('{"model_channels": 8}') == {"model_channels": 8}
     with pytest.raises(ValueError, match="model_config"):
-        sample.parse_model_config("[1, 2]")
+        parse_model_config("[1, 2]")
 
 
 def toy_net(z, t, h, aug_cond=None):
@@ -93,7 +97,7 @@ def _sample_worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
-        images = sample.sample_images(toy_net, num_samples=7, img_shape=(1, 4, 4), seed=1, steps=2, batch_size=2,
+        images = sample_images(toy_net, num_samples=7, img_shape=(1, 4, 4), seed=1, steps=2, batch_size=2,
                                       env=env)
         np.save(os.path.join(out_dir, f"rank{rank}.npy"), images.numpy())
     finally:
@@ -101,7 +105,7 @@ def _sample_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_gather_the_single_process_samples(tmp_path):
-    single = sample.sample_images(toy_net, num_samples=7, img_shape=(1, 4, 4), seed=1, steps=2, batch_size=3)
+    single = sample_images(toy_net, num_samples=7, img_shape=(1, 4, 4), seed=1, steps=2, batch_size=3)
     mp.spawn(_sample_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert np.array_equal(np.load(tmp_path / "rank0.npy"), single.numpy())
     assert np.array_equal(np.load(tmp_path / "rank1.npy"), single[4:].numpy())
@@ -171,10 +175,10 @@ def test_cli_user_errors(fixtures_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_programming_error_keeps_traceback(fixtures_dir, tmp_path):
-    # A bug inside the sampler (here: a TypeError planted in utils.sampling.generate) is not a user error.
-    code = ("import runpy, sys, utils.sampling\n"
+    # A bug inside the sampler (here: a TypeError planted in training.sampling.generate) is not a user error.
+    code = ("import runpy, sys, training.sampling\n"
             "def broken(*args, **kwargs):\n    raise TypeError('a bug, not a user error')\n"
-            "utils.sampling.generate = broken\n"
+            "training.sampling.generate = broken\n"
             "sys.argv = ['sample.py'] + sys.argv[1:]\n"
             "runpy.run_path('sample.py', run_name='__main__')\n")
     run = subprocess.run([sys.executable, "-c", code, "--ckpt", str(fixtures_dir / "official_unet_small.pt"),

@@ -18,12 +18,14 @@ import torch
 
 from conftest import free_port
 import train
+from training import stop as stop_lib
+from training.build import build_method, build_trainer, load_network
+from training.log import quiet_jit_deprecation
+from training.precision import precision_settings
 from training.resume import CHECKPOINT_FORMAT, LAST
-from training import services
-from training.services import precision_settings, quiet_jit_deprecation
-from utils.errors import exit_on_user_error
 from training.step import check_gradients, check_weights, lr_at, train_step
 from utils import checkpoint as ckpt_io
+from utils.errors import exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--not_compile", "--device", "cpu"]
@@ -80,7 +82,7 @@ def straight(tmp_path_factory) -> Path:
 
 
 def test_release_launch_flags_parse():
-    cfg = train.resolve_config(RELEASE_V1_FLAGS + ["--device", "cpu"])
+    cfg = train.resolve_config(RELEASE_V1_FLAGS + ["--device", "cpu"]).flags()
     assert {k: cfg[k] for k in RELEASE_V1_VALUES} == RELEASE_V1_VALUES
     assert cfg["output_dir"] == "./tmp"
     # Every other flag of the release parses too, with its argument form.
@@ -91,31 +93,43 @@ def test_release_launch_flags_parse():
         "--fid_samples", "100", "--resume", "x.pth", "--ema_decay", "0.999", "--ema_decays", "0.99", "0.9",
         "--seed", "3", "--data_path", "d", "--dataset", "mnist", "--norm_eps", "0.01",
     ])
-    assert cfg["optimizer_betas"] == [0.9, 0.95] and cfg["pin_mem"] is True and cfg["compile"] is False
-    assert cfg["ema_decays"] == [0.99, 0.9] and cfg["test_run"] and cfg["eval_only"] and cfg["dataset"] == "mnist"
+    assert cfg.adam_betas == [0.9, 0.95] and cfg.compile is False
+    assert cfg.ema_decays == [0.99, 0.9] and cfg.test_run and cfg.eval_only and cfg.dataset == "mnist"
+    assert "pin_mem" not in cfg.flags() and "num_workers" not in cfg.flags()  # accepted, and ignored
 
 
 def test_defaults_are_the_release_defaults():
-    cfg = train.resolve_config(["--device", "cpu"])
+    cfg = train.resolve_config(["--device", "cpu"]).flags()
     release = dict(batch_size=64, epochs=4000, lr=0.0006, optimizer_betas=[0.9, 0.999], warmup_epochs=200,
                    dropout=0.2, ema_decay=0.9999, ema_decays=[0.99995, 0.9996], dataset="cifar10",
                    output_dir="./output_dir", fid_samples=50000, eval_frequency=50, compute_fid=False,
                    log_per_step=100, ratio=0.75, tr_sampler="v1", P_mean_t=-0.6, P_std_t=1.6, P_mean_r=-4.0,
-                   P_std_r=1.6, norm_p=0.75, norm_eps=1e-3, use_edm_aug=False, pin_mem=True, seed=0)
+                   P_std_r=1.6, norm_p=0.75, norm_eps=1e-3, use_edm_aug=False, seed=0)
     assert {k: cfg[k] for k in release} == release
     assert cfg["compile"] is False  # on CPU; cuda turns it on
 
 
 def test_presets_resolve_and_flags_override():
-    v1 = train.resolve_config(["--preset", "cifar10-v1", "--device", "cpu"])
+    v1 = train.resolve_config(["--preset", "cifar10-v1", "--device", "cpu"]).flags()
     assert {k: v1[k] for k in RELEASE_V1_VALUES} == RELEASE_V1_VALUES
     v0 = train.resolve_config(["--preset", "cifar10-v0", "--device", "cpu"])
-    sampler = ("tr_sampler", "P_mean_t", "P_std_t", "P_mean_r", "P_std_r")
-    assert tuple(v0[k] for k in sampler) == ("v0", -2.0, 2.0, -2.0, 2.0)
+    assert (v0.tr_sampler, v0.P_mean_t, v0.P_std_t, v0.P_mean_r, v0.P_std_r) == ("v0", -2.0, 2.0, -2.0, 2.0)
     cfg = train.resolve_config(["--preset", "cifar10-v1", "--device", "cpu", "--lr", "0.001", "--no_compute_fid",
                                 "--batch_size", "64", "--P_mean_t", "-0.6"])
-    assert (cfg["lr"], cfg["compute_fid"], cfg["batch_size"], cfg["P_mean_t"]) == (0.001, False, 64, -0.6)
-    assert train.resolve_config(["--preset", "digits"])["dataset"] == "digits"
+    assert (cfg.lr, cfg.compute_fid, cfg.batch_per_process, cfg.P_mean_t) == (0.001, False, 64, -0.6)
+    assert train.resolve_config(["--preset", "digits"]).dataset == "digits"
+
+
+def test_config_names_carry_their_units_and_round_trip_through_flag_names():
+    """Inside, each setting has one name with its unit; config.json and checkpoints keep the flag names,
+    so the files of earlier versions read alike."""
+    cfg = train.resolve_config(["--preset", "tiny", "--eval_frequency", "3", "--ckpt_every", "5"])
+    assert (cfg.eval_every_epochs, cfg.ckpt_every_steps, cfg.log_every_steps) == (3, 5, 2)
+    flags = cfg.flags()
+    assert flags["eval_frequency"] == 3 and flags["label_dropout"] == cfg.class_dropout
+    from training.config import TrainConfig
+    assert TrainConfig.from_flags(flags) == cfg
+    assert TrainConfig.from_flags(dict(flags, pin_mem=True, num_workers=10)) == cfg  # an older file's flags
 
 
 def test_bf16_precision_follows_the_float32_run():
@@ -126,7 +140,7 @@ def test_bf16_precision_follows_the_float32_run():
     losses = {}
     for precision in ("tf32", "bf16"):
         cfg = train.resolve_config([*TINY, "--precision", precision, "--dropout", "0"])
-        trainer = train.make_trainer(cfg, init_distributed("cpu"))
+        trainer = build_trainer(cfg, init_distributed("cpu"))
         assert trainer.method.autocast == (torch.bfloat16 if precision == "bf16" else None)
         losses[precision] = torch.stack([train_step(trainer, step)[0] for step in range(4)])
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -233,7 +247,7 @@ def _tamper_worker(rank: int, port: int, result_dir: str) -> None:
     from utils.distributed import cleanup, init_distributed
     env = init_distributed("cpu")
     try:
-        trainer = train.make_trainer(train.resolve_config([*TINY, "--output_dir", ""]), env)
+        trainer = build_trainer(train.resolve_config([*TINY, "--output_dir", ""]), env)
         train_step(trainer, 0, check=True)  # synchronised: passes both checks
         name, param = list(trainer.model.net.named_parameters())[3]
         messages = []
@@ -269,8 +283,8 @@ def _stop_worker(rank: int, port: int, out: str, signal_at: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import training.loop
-    ran, step_fn = [], training.loop.train_step
+    import training.run
+    ran, step_fn = [], training.run.train_step
 
     def step(trainer, index, **kwargs):
         ran.append(index)
@@ -278,7 +292,7 @@ def _stop_worker(rank: int, port: int, out: str, signal_at: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return step_fn(trainer, index, **kwargs)
 
-    training.loop.train_step = step
+    training.run.train_step = step
     assert train.main([*TINY, "--batch_size", "4", "--output_dir", out, "--max_steps", "100", "--ckpt_every", "0",
                        "--log_per_step", "1000"]) == 0
     Path(out, f"steps{rank}.txt").write_text(" ".join(map(str, ran)))
@@ -286,7 +300,7 @@ def _stop_worker(rank: int, port: int, out: str, signal_at: int) -> None:
 
 def test_signal_to_one_rank_stops_both_at_the_same_poll_step(tmp_path):
     torch.multiprocessing.spawn(_stop_worker, args=(free_port(), str(tmp_path), 3), nprocs=2)
-    every = services.STOP_POLL_EVERY
+    every = stop_lib.STOP_POLL_EVERY
     for rank in range(2):
         assert (tmp_path / f"steps{rank}.txt").read_text().split() == [str(i) for i in range(every)]
     assert torch.load(tmp_path / LAST, weights_only=True)["step"] == every
@@ -296,7 +310,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_poll_step(tmp_path):
 @pytest.mark.parametrize("reaches_poll", [False, True])
 def test_stop_timer_exits_only_when_no_step_boundary_is_reached(reaches_poll):
     code = ("import os, signal, sys, time, torch\n"
-            "from training.services import StopRequest\n"
+            "from training.stop import StopRequest\n"
             "from utils.distributed import DistEnv\n"
             "env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'), backend=None)\n"
             "stop = StopRequest(env, grace_s=1.0)\n"
@@ -395,9 +409,9 @@ def test_checkpoint_of_another_network_is_a_user_error(straight, tmp_path, capsy
 
 def test_programming_error_keeps_its_traceback(tmp_path):
     """An exception that is not a user error leaves the command line with Python's traceback."""
-    code = ("import runpy, sys, training.step\n"
-            "def broken(**kwargs):\n    raise ZeroDivisionError('a bug')\n"
-            "training.step.build_trainer = broken\n"
+    code = ("import runpy, sys, training.run\n"
+            "def broken(*args, **kwargs):\n    raise ZeroDivisionError('a bug')\n"
+            "training.run.build_trainer = broken\n"
             f"sys.argv = ['train.py', {', '.join(map(repr, TINY))}, '--output_dir', {str(tmp_path)!r}]\n"
             "runpy.run_path('train.py', run_name='__main__')\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -444,8 +458,8 @@ def test_tiny_run_writes_logs_config_and_checkpoint(straight):
     prefixes = {k.split(".")[0] for k in ckpt["model"]}
     assert prefixes == {"num_updates", "net", "net_ema", "net_ema1", "net_ema2"}
     assert int(ckpt["model"]["num_updates"]) == ckpt["step"] == 8
-    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny"
-    net = ckpt_io.load_network(ckpt, ema="net_ema1")
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["config"]["preset"] == "tiny" and ckpt["network"] == "unet"
+    net = load_network(ckpt, ema="net_ema1")
     assert net.state_dict().keys() == {k[len("net."):] for k in ckpt["model"] if k.startswith("net.")}
     log = (straight / "log.txt").read_text()
     assert "step 8/8" in log and "digits quality of net_ema" in log
@@ -524,4 +538,4 @@ def test_class_conditional_run_resumes_exactly_and_is_world_size_invariant(tmp_p
 def test_guidance_flags_need_class_cond():
     with pytest.raises(ValueError, match="--cfg_omega 2.0: guidance needs --class_cond"):
         train.resolve_config(["--preset", "tiny", "--cfg_omega", "2.0"])
-    assert train.make_method(train.resolve_config(["--preset", "digits-cond"])).guided
+    assert build_method(train.resolve_config(["--preset", "digits-cond"])).guided

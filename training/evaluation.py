@@ -1,4 +1,5 @@
-"""Evaluation during training: sample grids of every network, FID (cifar10, mnist), the digits quality figure."""
+"""Evaluation during training: sample grids of every network, then the dataset's quality figure (FID or the
+digits figure, utils/data.py's table)."""
 
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import torch
 
 import meanflow
 from models.ema import EMAModel
-from training.services import Log
+from training.log import Log
+from training.sampling import fid_of_network
 from utils import data as data_utils
 from utils.distributed import DistEnv
 from utils.sampling import class_indices
@@ -17,7 +19,7 @@ GRID_COLUMNS = 8  # a class-conditional grid has one row of GRID_COLUMNS samples
 
 class Evaluator:
     """evaluate(step) -> {network name: figure}: grids into OUTPUT_DIR/samples and TensorBoard, then the
-    digits quality figure (digits) or FID (compute_fid) of every network in `model`, logged.
+    dataset's quality figure of every network in `model`, logged: the digits figure, or FID with compute_fid.
 
     img_shape: (C, H, W) of the samples. fid_samples: generated images per FID, drawn in batches of
     batch_size. inception_weights: the FID weights file (None: found as
@@ -34,6 +36,7 @@ class Evaluator:
         self.inception_weights = inception_weights
         self.out, self.writer, self.log = out, writer, log
         self.main = env.rank == 0
+        self.quality = data_utils.dataset_info(dataset).quality
         self.fid_setup = None  # (Inception extractor, reference statistics), made at the first FID
         self.digits = None     # DigitsQuality, made at the first digits evaluation
 
@@ -58,9 +61,9 @@ class Evaluator:
             for name, net in self.model.networks().items():
                 if self.main:
                     self._grid(name, meanflow.sample(net, grid_noise, labels=grid_labels)[order], step)
-                if self.dataset == "digits" and self.main:
+                if self.quality == "digits" and self.main:
                     results[name] = self._digits(name, net, step)
-                if self.compute_fid:
+                if self.quality == "inception" and self.compute_fid:
                     results[name] = self._fid(name, net, step)
         finally:
             self.model.net.train(was_training)
@@ -109,7 +112,7 @@ class Evaluator:
                                       extractor=extractor, env=env, progress=self.main)
             self.fid_setup = extractor, ref
         extractor, ref = self.fid_setup
-        value = fid.fid_of_network(net, ref=ref, num_samples=self.fid_samples, batch_size=self.batch_size,
+        value = fid_of_network(net, ref=ref, num_samples=self.fid_samples, batch_size=self.batch_size,
                                    img_shape=self.img_shape, seed=self.seed, steps=1, extractor=extractor,
                                    device=self.env.device, env=env, progress=self.main)
         self.log(f"FID of {name} at step {step} (1 step, {self.fid_samples} samples): {value:.3f}")

@@ -2,21 +2,20 @@
 
 from pathlib import Path
 
-import dataclasses
-
 import torch
 
-from utils.errors import UserFileError
-from training.step import WARMUP_START, RollbackState, Trainer
+from training.step import WARMUP_START, Trainer
 from utils import checkpoint as ckpt_io
+from utils.errors import UserFileError
 
 CHECKPOINT_FORMAT = "meanflow-pytorch/1"
 LAST = "checkpoint-last.pth"
 
 
-def checkpoint_state(trainer: Trainer, step: int, *, config: dict) -> dict:
+def checkpoint_state(trainer: Trainer, step: int, *, config: dict, rollback: dict) -> dict:
     """The checkpoint after `step` steps: the release's layout under "model", plus what rebuilds and
-    resumes the run. config: the run's settings, recorded as they are (sample.py reads them)."""
+    resumes the run. config: the run's settings under their flag names (sample.py reads them);
+    rollback: training/rollback.py's state (the attempt that keys the draws of the steps to come)."""
     epoch, k = divmod(step, trainer.steps_per_epoch)
     return {
         "model": trainer.model.state_dict(),
@@ -28,9 +27,10 @@ def checkpoint_state(trainer: Trainer, step: int, *, config: dict) -> dict:
         "data_position": {"epoch": epoch, "step_in_epoch": k, "steps_per_epoch": trainer.steps_per_epoch,
                           "global_batch": trainer.global_batch, "world_size": trainer.env.world_size},
         "config": dict(config),
+        "network": trainer.network,
         "model_config": trainer.model_config,
         "ema_decays": dict(trainer.model.decays),
-        "rollback": dataclasses.asdict(trainer.rollback),  # the attempt keys the draws of the steps to come
+        "rollback": dict(rollback),
         "format": CHECKPOINT_FORMAT,
     }
 
@@ -45,8 +45,8 @@ def find_start(*, out: Path | None, resume: str, eval_only: bool) -> tuple[dict 
         return _load(resume), resume
     last = out / LAST if out is not None else None
     if last is not None and last.exists():
-        return _load(last, f". It is left as it is: move it away to start over, or pass --resume with a "
-                           f"numbered snapshot and a fresh --output_dir"), str(last)
+        return _load(last, ". It is left as it is: move it away to start over, or pass --resume with a "
+                           "numbered snapshot and a fresh --output_dir"), str(last)
     if resume:
         return _load(resume), resume
     return None, ""
@@ -82,10 +82,10 @@ def load_state(trainer: Trainer, ckpt: dict, source: str) -> tuple[int, list[str
             notes.append(f"optimizer state of {source} not loaded ({e}); Adam starts afresh")
     else:
         notes.append(f"{source} has no optimizer state; Adam starts afresh")
-    trainer.rollback = RollbackState(**ckpt.get("rollback", {}))
-    if trainer.rollback.attempt:
-        notes.append(f"{source} was written after {trainer.rollback.attempt} rollbacks: its draws are keyed "
-                     f"by attempt {trainer.rollback.attempt}")
+    trainer.attempt = int(ckpt.get("rollback", {}).get("attempt", 0))
+    if trainer.attempt:
+        notes.append(f"{source} was written after {trainer.attempt} rollbacks: its draws are keyed "
+                     f"by attempt {trainer.attempt}")
     spe, global_batch = trainer.steps_per_epoch, trainer.global_batch
     if ckpt.get("format") == CHECKPOINT_FORMAT:
         step = int(ckpt["step"])

@@ -1,12 +1,11 @@
-"""Checkpoints: atomic writes (of every file we save), safe load (ours and the authors'), rebuilding networks.
+"""Checkpoints: atomic writes (of every file we save), background writes, safe load (ours and the authors').
 
 The authors' files hold `{"model", "optimizer", "lr_schedule", "epoch", "args"}` with `args` an
-argparse.Namespace and no network config; `infer_unet_config` recovers the config from the weights.
+argparse.Namespace and no network config; training/build.py's load_network rebuilds a network from
+them (models/networks.py infers its config from the weights).
 """
 import argparse
-import inspect
 import os
-import re
 import threading
 import uuid
 from pathlib import Path
@@ -14,8 +13,7 @@ from typing import BinaryIO, Callable
 
 import torch
 
-from models.unet import SongUNet
-from utils.errors import UserFileError, UserValueError
+from utils.errors import UserFileError
 
 # Types besides tensors and builtins that a checkpoint may hold: the release stores its arguments
 # as an argparse.Namespace. Nothing else is unpickled.
@@ -158,107 +156,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return ckpt
 
 
-def _resolutions(keys: list[str], part: str) -> list[int]:
-    """Distinct R of `{part}.{R}x{R}_...` keys, largest first."""
-    found = {int(m.group(1)) for k in keys if (m := re.match(rf"{part}\.(\d+)x\1_", k))}
-    return sorted(found, reverse=True)
-
-
-def _filter_1d(filter_2d: torch.Tensor) -> list:
-    """Recover [1,3,3,1] from the buffer outer(f, f) / sum(f)^2: row sums give f / sum(f)."""
-    f = filter_2d.reshape(filter_2d.shape[-2:]).double().sum(dim=1)
-    f = f / f.abs()[f.abs() > 0].min()
-    rounded = f.round()
-    if torch.allclose(f, rounded, atol=1e-4):
-        return [int(v) for v in rounded.tolist()]
-    return f.tolist()
-
-
-def infer_unet_config(net_state_dict: dict) -> dict:
-    """SongUNet keyword arguments that rebuild a network from its state dict (keys without "net." prefix).
-
-    Reads the structure from key names and shapes. Not recoverable from weights: dropout and
-    label_dropout (set to 0, right for evaluation) and attention at resolutions the network lacks.
-    """
-    sd = net_state_dict
-    keys = list(sd)
-    enc_res = _resolutions(keys, "enc")
-    if not enc_res or f"enc.{enc_res[0]}x{enc_res[0]}_conv.weight" not in sd:
-        raise UserValueError("not a SongUNet state dict: no enc.<R>x<R>_conv.weight key (pass one network's "
-                         "weights, e.g. {k[4:]: v for k, v in model.items() if k.startswith('net.')})")
-    res = enc_res[0]
-    conv_in = sd[f"enc.{res}x{res}_conv.weight"]
-    model_channels, in_channels = conv_in.shape[0], conv_in.shape[1]
-    num_blocks = len({k.split(".")[1] for k in keys if re.match(rf"enc\.{res}x{res}_block\d+\.", k)})
-    # The decoder has num_blocks + 1 blocks per level; the last one of each level carries attention
-    # exactly where attn_resolutions asks, even when num_blocks is 0.
-    channel_mult, attn_resolutions = [], []
-    for r in enc_res:
-        out_ch = sd[f"dec.{r}x{r}_block{num_blocks}.conv1.weight"].shape[0]
-        channel_mult.append(out_ch // model_channels)
-        if f"dec.{r}x{r}_block{num_blocks}.qkv.weight" in sd:
-            attn_resolutions.append(r)
-    layer0 = sd["map_layer0.weight"]  # [emb_channels, 2 * noise_channels]: t and h embeddings concatenated
-    filters = [v for k, v in sd.items() if k.endswith("resample_filter")]
-    dec_aux = _resolutions([k for k in keys if "_aux_conv" in k], "dec")
-    if any("_aux_skip" in k for k in keys):
-        encoder_type = "skip"
-    elif any("_aux_residual" in k for k in keys):
-        encoder_type = "residual"
-    else:
-        encoder_type = "standard"
-    return dict(
-        img_resolution=res,
-        in_channels=in_channels,
-        out_channels=sd[f"dec.{res}x{res}_aux_conv.weight"].shape[0],
-        label_dim=sd["map_label.weight"].shape[1] if "map_label.weight" in sd else 0,
-        augment_dim=sd["map_augment.weight"].shape[1] if "map_augment.weight" in sd else 0,
-        model_channels=model_channels,
-        channel_mult=channel_mult,
-        channel_mult_emb=layer0.shape[0] // model_channels,
-        num_blocks=num_blocks,
-        attn_resolutions=attn_resolutions,
-        dropout=0.0,
-        label_dropout=0,
-        embedding_type="fourier" if "map_noise.freqs" in sd else "positional",
-        channel_mult_noise=layer0.shape[1] // (2 * model_channels),
-        encoder_type=encoder_type,
-        decoder_type="skip" if len(dec_aux) > 1 else "standard",
-        resample_filter=_filter_1d(filters[0]) if filters else [1, 1],
-    )
-
-
-def _model_state(ckpt: dict) -> dict:
+def model_state(ckpt: dict) -> dict:
+    """The networks' weights of a checkpoint dict ("net.*", "net_ema.*", ...): ckpt["model"], or the dict itself."""
     return ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
 
 
 def available_networks(ckpt: dict) -> list[str]:
     """Names of the networks stored in a checkpoint: ["net", "net_ema", "net_ema1", ...]."""
-    names = {k.split(".", 1)[0] for k in _model_state(ckpt) if ".enc." in k and k.endswith("_conv.weight")}
+    names = {k.split(".", 1)[0] for k in model_state(ckpt) if "." in k}
     return sorted(names, key=lambda n: (len(n), n))
 
 
-def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None = None,
-                 device: str | torch.device = "cpu") -> SongUNet:
-    """Build a SongUNet in eval mode from one network of a checkpoint (ours or the authors').
+def checkpoint_dataset(ckpt: dict) -> str | None:
+    """Training dataset recorded in a checkpoint (ours: config['dataset']; the authors': args.dataset)."""
+    config = ckpt.get("config")
+    if isinstance(config, dict) and config.get("dataset"):
+        return str(config["dataset"])
+    return getattr(ckpt.get("args"), "dataset", None)
 
-    path_or_ckpt: a path or an already loaded checkpoint dict. ema: "net", "net_ema", "net_ema1", ...
-    Config: ckpt["model_config"] if the file has one, else `model_config`, else inferred from the weights.
-    """
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
-    where = "the given checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
-    prefix = ema + "."
-    state = {k[len(prefix):]: v for k, v in _model_state(ckpt).items() if k.startswith(prefix)}
-    if not state:
-        raise UserValueError(f"no network {ema!r} in {where}; available: {available_networks(ckpt)}")
-    config = ckpt.get("model_config") or model_config or infer_unet_config(state)
-    try:
-        inspect.signature(SongUNet).bind(**config)
-    except TypeError as e:
-        raise UserValueError(f"model config {config} does not fit SongUNet ({e}); fix --model_config") from e
-    net = SongUNet(**config)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserFileError(f"weights of {ema!r} in {where} do not fit SongUNet({config}): {e}") from e
-    return net.to(device).eval()
+
+def ema_decays(ckpt: dict) -> dict:
+    """{network name: EMA decay} as far as the checkpoint records them (ours: ema_decays; the authors': args)."""
+    if isinstance(ckpt.get("ema_decays"), dict):
+        return dict(ckpt["ema_decays"])
+    args = ckpt.get("args")
+    if args is not None and hasattr(args, "ema_decay"):
+        extra = list(getattr(args, "ema_decays", []))
+        return {name: d for name, d in zip(["net_ema"] + [f"net_ema{i + 1}" for i in range(len(extra))],
+                                          [args.ema_decay] + extra)}
+    return {}

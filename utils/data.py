@@ -1,4 +1,4 @@
-"""Datasets held in memory as uint8 tensors, and randomness derived from (seed, keys) alone.
+"""The table of datasets (facts, loaders, quality figure), and randomness derived from (seed, keys) alone.
 
 Data order and flips depend only on (seed, epoch, step, sample index), never on the number of
 processes or on process state, so a run resumes exactly and a rank's slice of a global batch is
@@ -6,6 +6,8 @@ what the single-process run would have seen in those rows.
 """
 import functools
 import hashlib
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,35 +19,63 @@ from utils.errors import UserValueError
 DIGITS_TRAIN = 1500  # of 1797 scikit-learn digits; the other 297 are held out
 
 
+class ImageData:
+    """A dataset split held in memory: uint8 images [N, C, H, W] in 0..255 and their class labels [N].
+
+    batch() is the training step's view of it: the float images of some rows, flipped by a keyed
+    draw. A latent dataset offers the same batch() (utils/latents.py).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4 or labels.shape != (images.shape[0],):
+            raise ValueError(f"expected uint8 images [N, C, H, W] and labels [N], got {images.dtype} "
+                             f"{tuple(images.shape)} and {tuple(labels.shape)}")
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        """The images moved to `device` once (training indexes them there); the labels stay on the host."""
+        self.images = self.images.to(device)
+        return self
+
+    def batch(self, idx: torch.Tensor, *, generator: Callable[[str], torch.Generator], rows: slice, total: int,
+              flip: bool, device: torch.device | str) -> torch.Tensor:
+        """float32 [len(idx), C, H, W] in [-1, 1] on `device`: the images idx (host LongTensor), which are
+        rows `rows` of a global batch of `total`; with `flip`, each mirrored by a coin of generator("flip")."""
+        x = to_float(self.images[to_device(idx, self.images.device)]).to(device)
+        if flip:
+            x = random_hflip(x, generator("flip"), offset=rows.start, total=total)
+        return x
+
+
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What the rest of the code needs to know of a dataset without loading it."""
+class DatasetSpec:
+    """A dataset of the table: its facts, and how to load it.
+
+    quality: the figure evaluation reports for samples of it: "inception" (FID, utils/fid.py) or
+        "digits" (utils/digits_quality.py).
+    open(root, train, download) -> the split's data (ImageData); FileNotFoundError naming `files`
+        when the data is missing and cannot be downloaded.
+    """
     name: str
     channels: int
     resolution: int
-    train_size: int   # images in the training split
+    train_size: int   # items in the training split
     num_classes: int  # labelled classes (every dataset here has labels)
     flip: bool        # horizontal flips keep an image in the data distribution
+    quality: str
+    open: Callable[[Path, bool, bool], ImageData]
+    files: str        # what to put under --data_path
 
     @property
     def img_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.resolution, self.resolution)
-
-
-# The one table of dataset facts. MNIST is trained as the release does: 32x32, grey copied to RGB.
-# Only CIFAR-10 is flipped: a mirrored 2, 3, 4, 7 or 9 is not a digit.
-DATASETS = {
-    "cifar10": DatasetInfo("cifar10", channels=3, resolution=32, train_size=50000, num_classes=10, flip=True),
-    "mnist": DatasetInfo("mnist", channels=3, resolution=32, train_size=60000, num_classes=10, flip=False),
-    "digits": DatasetInfo("digits", channels=1, resolution=8, train_size=DIGITS_TRAIN, num_classes=10, flip=False),
-}
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    """The facts of dataset `name`; UserValueError (a ValueError) naming the choices for an unknown one."""
-    if name not in DATASETS:
-        raise UserValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -61,36 +91,55 @@ def _not_found(what: str, data_path: Path, files: str, download: bool, cause: Ex
         f"put {files} under {data_path}, or pass --data_path with the folder that holds them")
 
 
-def _cifar10(root: Path, train: bool, download: bool) -> torch.Tensor:
-    from torchvision.datasets import CIFAR10
-    # An archive placed by hand is verified and extracted by the download path without any network.
-    download = download or (root / "cifar-10-python.tar.gz").exists()
-    try:
-        data = CIFAR10(str(root), train=train, download=download).data  # numpy uint8 [N, 32, 32, 3]
-    except Exception as e:  # torchvision raises RuntimeError offline-missing, URLError/OSError on failed download
-        raise _not_found("CIFAR-10", root, "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)",
-                         download, e) from e
-    return torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()
+CIFAR10_FILES = "cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/)"
 
 
-def _mnist(root: Path, train: bool, download: bool) -> torch.Tensor:
+def _cifar10(root: Path, train: bool, download: bool) -> ImageData:
+    """CIFAR-10's python batches (cifar-10-batches-py/data_batch_1..5, test_batch), read here; torchvision
+    only downloads and extracts the archive (checking its checksum)."""
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    if not all((folder / name).is_file() for name in names):
+        # An archive placed by hand is verified and extracted by the download path without any network.
+        download = download or (root / "cifar-10-python.tar.gz").exists()
+        try:
+            if not download:
+                raise FileNotFoundError(f"no {folder}")
+            from torchvision.datasets import CIFAR10
+            CIFAR10(str(root), train=train, download=True)
+        except Exception as e:  # torchvision raises RuntimeError offline-missing, URLError/OSError on failed download
+            raise _not_found("CIFAR-10", root, CIFAR10_FILES, download, e) from e
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")  # the format's own serialisation
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch["labels"])
+    return ImageData(torch.from_numpy(np.concatenate(images)), torch.tensor(labels))
+
+
+MNIST_FILES = "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)"
+
+
+def _mnist(root: Path, train: bool, download: bool) -> ImageData:
     """MNIST as the release trains on it: PIL bilinear resize 28 -> 32, grey copied to 3 channels (DATASETS)."""
     from PIL import Image
     from torchvision.datasets import MNIST
     download = download or (root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists()
     try:
-        data = MNIST(str(root), train=train, download=download).data.numpy()  # uint8 [N, 28, 28]
+        mnist = MNIST(str(root), train=train, download=download)
     except Exception as e:
-        files = "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)"
-        raise _not_found("MNIST", root, files, download, e) from e
+        raise _not_found("MNIST", root, MNIST_FILES, download, e) from e
+    data = mnist.data.numpy()  # uint8 [N, 28, 28]
     channels, height, width = DATASETS["mnist"].img_shape
     resized = np.stack([np.asarray(Image.fromarray(im).resize((width, height), Image.Resampling.BILINEAR))
                         for im in data])
-    return torch.from_numpy(resized)[:, None].expand(-1, channels, -1, -1).contiguous()
+    images = torch.from_numpy(resized)[:, None].expand(-1, channels, -1, -1).contiguous()
+    return ImageData(images, torch.as_tensor(mnist.targets))
 
 
-def _digits_split(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits (values 0..16) as uint8 [N,1,8,8] in 0..255, no upsampling, and labels [N].
+def _digits(root: Path, train: bool, download: bool) -> ImageData:
+    """scikit-learn's 8x8 digits (values 0..16) as uint8 [N,1,8,8] in 0..255, no upsampling, with their labels.
 
     train=True: the first 1500 images after a fixed permutation; train=False: the other 297.
     """
@@ -99,43 +148,38 @@ def _digits_split(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.round(torch.from_numpy(digits.images) * 255 / 16).to(torch.uint8)[:, None]
     order = torch.randperm(len(images), generator=make_generator(0, "digits-split"))
     rows = order[:DIGITS_TRAIN] if train else order[DIGITS_TRAIN:]
-    return images[rows].contiguous(), torch.from_numpy(digits.target).long()[rows]
+    return ImageData(images[rows].contiguous(), torch.from_numpy(digits.target).long()[rows])
 
 
-def load_digits_labels(train: bool = True) -> torch.Tensor:
-    """Class labels 0..9, LongTensor [N], row for row with load_dataset("digits", train=train)."""
-    return _digits_split(train)[1]
+# The one table of datasets. MNIST is trained as the release does: 32x32, grey copied to RGB.
+# Only CIFAR-10 is flipped: a mirrored 2, 3, 4, 7 or 9 is not a digit.
+DATASETS = {
+    "cifar10": DatasetSpec("cifar10", channels=3, resolution=32, train_size=50000, num_classes=10, flip=True,
+                           quality="inception", open=_cifar10, files=CIFAR10_FILES),
+    "mnist": DatasetSpec("mnist", channels=3, resolution=32, train_size=60000, num_classes=10, flip=False,
+                         quality="inception", open=_mnist, files=MNIST_FILES),
+    "digits": DatasetSpec("digits", channels=1, resolution=8, train_size=DIGITS_TRAIN, num_classes=10, flip=False,
+                          quality="digits", open=_digits, files="nothing (the digits ship with scikit-learn)"),
+}
 
 
-def load_labels(name: str, data_path: str | Path = "./data", train: bool = True, download: bool = True) -> torch.Tensor:
-    """Class labels 0..num_classes-1, LongTensor [N], row for row with load_dataset(name, data_path, train)."""
-    dataset_info(name)
-    root = Path(data_path)
-    if name == "digits":
-        return load_digits_labels(train)
-    from torchvision.datasets import CIFAR10, MNIST
-    loader, what, files = ((CIFAR10, "CIFAR-10", "cifar-10-python.tar.gz") if name == "cifar10" else
-                           (MNIST, "MNIST", "MNIST/raw/{train,t10k}-labels-idx1-ubyte(.gz)"))
-    try:
-        return torch.as_tensor(loader(str(root), train=train, download=download).targets).long()
-    except Exception as e:
-        raise _not_found(what, root, files, download, e) from e
+def dataset_info(name: str) -> DatasetSpec:
+    """The table entry of dataset `name`; UserValueError (a ValueError) naming the choices for an unknown one."""
+    if name not in DATASETS:
+        raise UserValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def open_dataset(name: str, data_path: str | Path = "./data", train: bool = True, download: bool = True) -> ImageData:
+    """A dataset split with its labels. Raises FileNotFoundError naming the files to provide when it is
+    missing and cannot be downloaded."""
+    return dataset_info(name).open(Path(data_path), train, download)
 
 
 def load_dataset(name: str, data_path: str | Path = "./data", train: bool = True,
                  download: bool = True) -> torch.Tensor:
-    """All images of a dataset split as one uint8 tensor [N,C,H,W] in 0..255 (convert batches with to_float).
-
-    [C, H, W] is dataset_info(name).img_shape; N is its train_size for the training split.
-    Raises FileNotFoundError naming the files to provide when a dataset is missing and cannot be downloaded.
-    """
-    dataset_info(name)  # an unknown name fails here, naming the choices
-    root = Path(data_path)
-    if name == "cifar10":
-        return _cifar10(root, train, download)
-    if name == "mnist":
-        return _mnist(root, train, download)
-    return _digits_split(train)[0]
+    """All images of a dataset split as one uint8 tensor [N,C,H,W] in 0..255 (convert batches with to_float)."""
+    return open_dataset(name, data_path, train, download).images
 
 
 def fold_seed(seed: int, *keys: int | str) -> int:

@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import torch
 
-from utils.data import dataset_info, load_dataset, load_digits_labels
+from utils.data import dataset_info, open_dataset
 from utils.fid import frechet_distance
 from utils.sampling import to_uint8
 
@@ -35,14 +35,15 @@ class DigitsQuality:
 
     def __init__(self, seed: int = 0, hidden: int = 64):
         from sklearn.neural_network import MLPClassifier
-        train = _pixels(load_dataset("digits", train=True))
-        self.held_out = load_dataset("digits", train=False)
+        train_split, held_out = open_dataset("digits", train=True), open_dataset("digits", train=False)
+        train = _pixels(train_split.images)
+        self.held_out = held_out.images
         self.count = len(self.held_out)
         self.classifier = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=150, random_state=seed)
         with warnings.catch_warnings():  # 150 epochs reach ~97% held-out accuracy; ignore "not converged"
             warnings.simplefilter("ignore")
-            self.classifier.fit(train, load_digits_labels(train=True).numpy())
-        self.accuracy = float(self.classifier.score(_pixels(self.held_out), load_digits_labels(train=False).numpy()))
+            self.classifier.fit(train, train_split.labels.numpy())
+        self.accuracy = float(self.classifier.score(_pixels(self.held_out), held_out.labels.numpy()))
         hidden_train = self._hidden(train)
         # Units that never fire on the data would make the covariances singular.
         self.live = hidden_train.std(axis=0) > 1e-6

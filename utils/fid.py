@@ -20,7 +20,7 @@ from utils.checkpoint import atomic_write
 from utils.data import load_dataset
 from utils.errors import UserFileError
 from utils.inception import Extractor, extractor_key, resolve_inception_weights
-from utils.sampling import generate, shard, to_uint8
+from utils.sampling import shard, to_uint8
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, *, device: str | torch.device = "cpu") -> float:
@@ -109,7 +109,7 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
@@ -118,7 +118,7 @@ def _progress(total: int, desc: str, enabled: bool):
 # ---------------------------------------------------------------- agreement between ranks
 
 
-def _is_rank0(env) -> bool:
+def is_rank0(env) -> bool:
     return env is None or env.rank == 0
 
 
@@ -131,7 +131,7 @@ def _all_ranks(flag: bool, env=None) -> bool:
     return bool(t.item())
 
 
-def _from_rank0(value: float, env=None) -> float:
+def from_rank0(value: float, env=None) -> float:
     """Rank 0's ``value`` on every rank of ``env``."""
     if env is None or env.world_size <= 1:
         return value
@@ -140,7 +140,7 @@ def _from_rank0(value: float, env=None) -> float:
     return float(t.item())
 
 
-def _on_every_rank(fn, env=None):
+def on_every_rank(fn, env=None):
     """Run ``fn`` and agree across ranks that it succeeded; if it raised on any rank, every rank
     raises, so none is left waiting in a collective (the failing rank re-raises its own error)."""
     error = None
@@ -165,9 +165,9 @@ def inception_weights(weights_path: str | None = None, *, env=None, download: bo
     missing and ``download``), then the others find the file it fetched: one download, not one
     per process. A failure on any rank raises on every rank.
     """
-    path = _on_every_rank(lambda: resolve_inception_weights(weights_path, download=download)
-                          if _is_rank0(env) else None, env)
-    return _on_every_rank(lambda: path if _is_rank0(env) else resolve_inception_weights(weights_path, download=False),
+    path = on_every_rank(lambda: resolve_inception_weights(weights_path, download=download)
+                          if is_rank0(env) else None, env)
+    return on_every_rank(lambda: path if is_rank0(env) else resolve_inception_weights(weights_path, download=False),
                           env)
 
 
@@ -235,7 +235,7 @@ def dataset_stats(
     """
     stats = FeatureStats()
     indices = shard(images.shape[0], env)
-    with _progress(images.shape[0], desc, progress and _is_rank0(env)) as bar:
+    with progress_bar(images.shape[0], desc, progress and is_rank0(env)) as bar:
         for batch in indices.split(batch_size):
             x = images[batch]
             stats.add_images(x if x.dtype == torch.uint8 else to_uint8(x), extractor)
@@ -266,7 +266,7 @@ def reference_stats(
         raise ValueError(f"split={split!r} must be 'train' or 'test'")
     key = reference_key(dataset, split, extractor)
     path = reference_path(dataset, split=split, extractor=extractor, cache_dir=cache_dir, data_path=data_path)
-    cached = _on_every_rank(lambda: load_stats(path, key=key) if os.path.isfile(path) else None, env)
+    cached = on_every_rank(lambda: load_stats(path, key=key) if os.path.isfile(path) else None, env)
     # Every rank must take the same branch, or the collectives below would wait forever.
     if _all_ranks(cached is not None, env):
         return cached
@@ -275,62 +275,11 @@ def reference_stats(
     def load(download_now: bool):
         return load_dataset(dataset, data_path=data_path, train=split == "train", download=download_now)
 
-    images = _on_every_rank(lambda: load(download) if _is_rank0(env) else None, env)
-    images = _on_every_rank(lambda: images if _is_rank0(env) else load(False), env)
+    images = on_every_rank(lambda: load(download) if is_rank0(env) else None, env)
+    images = on_every_rank(lambda: images if is_rank0(env) else load(False), env)
     mu, sigma = dataset_stats(
         images, extractor=extractor, env=env, batch_size=batch_size, progress=progress, desc=f"{dataset} {split}"
     )
-    if _is_rank0(env):
+    if is_rank0(env):
         save_stats(path, mu, sigma, key=key, count=images.shape[0])
     return mu, sigma
-
-
-# ---------------------------------------------------------------- FID of a network
-
-
-def fid_of_network(
-    net,
-    *,
-    ref: tuple[np.ndarray, np.ndarray],
-    num_samples: int,
-    batch_size: int = 250,
-    img_shape: tuple[int, int, int],
-    seed: int = 0,
-    steps: int = 1,
-    extractor: Extractor,
-    device: str | torch.device = "cpu",
-    env=None,
-    progress: bool = True,
-) -> float:
-    """FID of ``num_samples`` samples of ``net`` (``steps``-step MeanFlow sampler) against ``ref``.
-
-    With ``env`` (a DistEnv, every rank calls this) the samples are split over the ranks;
-    ``batch_size`` is per rank. Noise is seeded per sample, so the value does not depend on
-    batch size or world size (up to floating-point differences between kernels). The network
-    is put in eval mode for the call. Every rank returns the same value, computed on rank 0 on
-    ``device``.
-    """
-    if num_samples < 2:
-        raise ValueError(f"num_samples={num_samples} must be >= 2")
-    was_training = getattr(net, "training", False)
-    if was_training:
-        net.eval()
-    stats = FeatureStats()
-    world = 1 if env is None else env.world_size
-    try:
-        with _progress(num_samples, f"FID {steps}-step", progress and _is_rank0(env)) as bar:
-            batches = generate(
-                net, shard(num_samples, env), seed=seed, img_shape=img_shape, steps=steps,
-                batch_size=batch_size, device=device,
-            )
-            for batch, images in batches:
-                stats.add_images(images, extractor)
-                bar.update(len(batch) * world)
-    finally:
-        if was_training:
-            net.train()
-    stats.all_reduce(env)
-    # Rank 0 alone takes the distance (two 2048-d eigendecompositions); the others receive it.
-    value = _on_every_rank(lambda: frechet_distance(*stats.mean_cov(), *ref, device=device)
-                           if _is_rank0(env) else 0.0, env)
-    return _from_rank0(value, env)

@@ -1,14 +1,12 @@
-"""Generated samples, indexed: sample i comes from noise seeded by (seed, i) alone, quantised to uint8.
+"""Sample indexing: sample i's noise is seeded by (seed, i) alone and its class is i's; quantisation to uint8.
 
 So a set of samples does not depend on batch size or number of processes (up to the floating-point
-differences of kernels chosen per batch size), and any rank can draw any share of it.
+differences of kernels chosen per batch size), and any rank can draw any share of it. The
+generation itself is training/sampling.py's.
 """
-
-from typing import Iterator
 
 import torch
 
-import meanflow
 from utils.data import fold_seed
 
 
@@ -63,31 +61,3 @@ def class_indices(net, indices: torch.Tensor, classes=None) -> torch.Tensor | No
     if len(classes) == 0 or classes.min() < 0 or classes.max() >= num_classes:
         raise ValueError(f"class labels must be in 0..{num_classes - 1}, got {classes.tolist()}")
     return classes[torch.as_tensor(indices).reshape(-1).long() % len(classes)]
-
-
-@torch.no_grad()
-def generate(
-    net,
-    indices: torch.Tensor,
-    *,
-    seed: int,
-    img_shape: tuple[int, int, int],
-    steps: int = 1,
-    batch_size: int = 250,
-    device: str | torch.device = "cpu",
-    classes=None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (batch indices [b], uint8 images [b, C, H, W]) of the samples ``indices``.
-
-    Sample i is ``meanflow.sample(net, sample_noise(seed, [i]), steps)`` quantised by ``to_uint8``;
-    for a class-conditional net with the class ``class_indices(net, [i], classes)``.
-    ``net`` should be in eval mode.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    for batch in torch.as_tensor(indices).split(batch_size):
-        noise = sample_noise(seed, batch, img_shape, device)
-        labels = class_indices(net, batch, classes)
-        if labels is not None:
-            labels = labels.to(device)
-        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps, labels=labels))

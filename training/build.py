@@ -1,0 +1,144 @@
+"""What a run is made of, built from its TrainConfig: the data, the network, the method, the Trainer;
+and a network rebuilt from a checkpoint (ours or the authors')."""
+
+import socket
+
+import torch
+import torch.distributed as dist
+
+import meanflow
+from models.ema import EMAModel
+from models.networks import NetworkSpec, network_spec, spec_of_state_dict
+from training.config import FLAG_OF_FIELD, TrainConfig
+from training.precision import autocast_dtype
+from training.step import Trainer, loss_and_backward
+from utils import data as data_utils
+from utils.augment import AugmentPipe
+from utils.checkpoint import available_networks, load_checkpoint, model_state
+from utils.distributed import DistEnv, GradSync, barrier
+from utils.errors import UserFileError, UserValueError
+
+
+def build_method(cfg: TrainConfig) -> meanflow.MeanFlow:
+    """The MeanFlow objective of these settings; a class-conditional run gets the guidance settings."""
+    guidance = {}
+    if cfg.class_cond:
+        guidance = dict(num_classes=data_utils.dataset_info(cfg.dataset).num_classes, cfg_omega=cfg.cfg_omega,
+                        cfg_kappa=cfg.cfg_kappa, cfg_t_start=cfg.cfg_t_start, cfg_t_end=cfg.cfg_t_end,
+                        label_dropout=cfg.class_dropout)
+    return meanflow.MeanFlow(tr_sampler=cfg.tr_sampler, P_mean_t=cfg.P_mean_t, P_std_t=cfg.P_std_t,
+                             P_mean_r=cfg.P_mean_r, P_std_r=cfg.P_std_r, ratio=cfg.ratio, norm_p=cfg.norm_p,
+                             norm_eps=cfg.norm_eps, jvp_mode=cfg.jvp_mode, autocast=autocast_dtype(cfg.precision),
+                             **guidance)
+
+
+def network_config(cfg: TrainConfig) -> tuple[NetworkSpec, dict]:
+    """The architecture of these settings and its keyword arguments for the dataset's shape and classes."""
+    spec = network_spec(cfg.arch)
+    info = data_utils.dataset_info(cfg.dataset)
+    options = {name: getattr(cfg, name) for name in spec.options}
+    num_classes = info.num_classes if cfg.class_cond else 0
+    return spec, spec.make_config(info.img_shape, num_classes, **options)
+
+
+def check_buildable(cfg: TrainConfig) -> None:
+    """UserValueError naming the flag when the network, the method or the evaluation cannot be built."""
+    spec = network_spec(cfg.arch)
+    info = data_utils.dataset_info(cfg.dataset)
+    problem = spec.check(info.img_shape, **{name: getattr(cfg, name) for name in spec.options})
+    if problem is not None:
+        name, why = problem
+        raise UserValueError(f"--{FLAG_OF_FIELD.get(name, name)} {getattr(cfg, name)!r}: {why}")
+    if cfg.use_edm_aug and not spec.augments:
+        raise UserValueError(f"--use_edm_aug: the {spec.name} network takes no augmentation labels")
+    if cfg.compute_fid and info.quality != "inception":
+        raise UserValueError(f"--compute_fid True: Inception FID is not the figure of {cfg.dataset} (its samples "
+                             f"are scored by the {info.quality} quality figure instead)")
+    try:
+        build_method(cfg)  # MeanFlow checks its own arguments (ratio, stds, sampler, guidance)
+    except ValueError as e:
+        raise UserValueError(str(e)) from e
+
+
+def open_training_data(cfg: TrainConfig, env: DistEnv) -> data_utils.ImageData:
+    """The training split; a missing dataset fails within seconds when offline (FileNotFoundError).
+
+    One process per node reads (and, online, downloads) first: torchvision writes the archive in
+    place, so concurrent downloads into one folder would corrupt it.
+    """
+    if env.local_rank != 0:
+        barrier()
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an unreachable mirror must not hang the start of a job
+    try:
+        data = data_utils.open_dataset(cfg.dataset, data_path=cfg.data_path, train=True)
+    finally:
+        socket.setdefaulttimeout(old)
+    if env.local_rank == 0:
+        barrier()
+    return data
+
+
+def build_trainer(cfg: TrainConfig, env: DistEnv, data: data_utils.ImageData | None = None, *,
+                  compile_mode: str | None = None, fused_adam: bool = False) -> Trainer:
+    """A Trainer with fresh weights drawn from cfg.seed, the same on every rank.
+
+    data: the training split (default: cfg.dataset, loaded). compile_mode: torch.compile's mode (None:
+    its default). fused_adam: Adam's fused implementation instead of torch's default (benchmarks).
+    """
+    data = open_training_data(cfg, env) if data is None else data
+    global_batch = cfg.batch_per_process * env.world_size
+    if global_batch > len(data):
+        raise UserValueError(f"global batch {global_batch} (--batch_size {cfg.batch_per_process} x {env.world_size} "
+                             f"processes) is larger than the {len(data)} training images: lower --batch_size")
+    spec, model_config = network_config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data_utils.fold_seed(cfg.seed, "init"))
+        net = spec.build(model_config)
+    net.to(env.device)
+    if env.world_size > 1:  # the same seed gives the same weights; broadcasting makes it certain
+        for tensor in net.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    model = EMAModel(net, decays=(cfg.ema_decay, *cfg.ema_decays), period=cfg.ema_period_steps)
+    model.train()
+    # Adam, not AdamW, and only the trained network's parameters: the EMA copies are not optimized.
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=0.0,
+                                 **(dict(fused=True) if fused_adam else {}))
+    steps_per_epoch = data_utils.steps_per_epoch(len(data), global_batch)
+    return Trainer(
+        data=data.to(env.device), env=env, model=model, network=spec.name, model_config=model_config,
+        optimizer=optimizer, method=build_method(cfg), grad_sync=GradSync(net.parameters()),
+        loss_fn=torch.compile(loss_and_backward, mode=compile_mode) if cfg.compile else loss_and_backward,
+        augment=AugmentPipe() if cfg.use_edm_aug else None, flip=data_utils.dataset_info(cfg.dataset).flip,
+        class_cond=cfg.class_cond, seed=cfg.seed, batch=cfg.batch_per_process, lr=cfg.lr,
+        warmup_steps=cfg.warmup_epochs * steps_per_epoch)
+
+
+def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None = None,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A network in eval mode from one network of a checkpoint: ours, or the authors' release's.
+
+    path_or_ckpt: a path or an already loaded checkpoint dict. ema: "net", "net_ema", "net_ema1", ...
+    The architecture is the checkpoint's `network` entry, else recognised from the weights; the
+    config is ckpt["model_config"] if the file has one, else `model_config`, else inferred from the weights.
+    """
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    where = "the given checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
+    prefix = ema + "."
+    state = {k[len(prefix):]: v for k, v in model_state(ckpt).items() if k.startswith(prefix)}
+    if not state:
+        raise UserValueError(f"no network {ema!r} in {where}; available: {available_networks(ckpt)}")
+    try:
+        spec = network_spec(ckpt["network"]) if "network" in ckpt else spec_of_state_dict(state)
+        config = ckpt.get("model_config") or model_config or spec.infer_config(state)
+    except ValueError as e:
+        raise UserFileError(f"{where}: {e}") from e
+    try:
+        net = spec.build(config)
+    except (TypeError, ValueError) as e:
+        raise UserValueError(f"model config {config} does not fit {spec.cls.__name__} ({e}); fix --model_config") from e
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserFileError(f"weights of {ema!r} in {where} do not fit {spec.cls.__name__}({config}): {e}") from e
+    return net.to(device).eval()
