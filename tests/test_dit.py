@@ -1,0 +1,283 @@
+"""The DiT of models/dit.py: the authors' configs and initialisation, their JAX code's outputs, loss and
+gradients (tests/fixtures/dit_jax_small.npz), conversion of their checkpoints, and the JVP."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import meanflow
+from models.dit import DIT_CONFIGS, DiT
+from models.dit_convert import (import_flax_checkpoints, infer_config, read_flax_checkpoint, state_dict_from_flax,
+                                torch_name)
+
+# Parameters of their JAX DiT (counted with jax.eval_shape on their models_dit.py) and the paper's table.
+JAX_PARAMS = {"B/4": 131_165_248, "B/2": 131_091_472, "M/2": 308_019_216, "L/2": 459_137_040, "XL/2": 676_440_592}
+PAPER_PARAMS_M = {"B/4": 131.2, "B/2": 131.1, "M/2": 308.0, "L/2": 459.1, "XL/2": 676.4}
+# Outputs, loss and gradients of their JAX code (tests/fixtures/README.md).
+JAX_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "dit_jax_small.npz"
+# Smallest network with every kind of layer: 4 tokens, 2 heads, 3 classes + null.
+TINY = dict(img_resolution=4, in_channels=2, patch_size=2, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+            frequency_embedding_size=32)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def perturbed(net: DiT, seed: int = 0, scale: float = 0.1) -> DiT:
+    """Noise on every parameter, so that the zero-initialised adaLN and final layers do not hide the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return net
+
+
+def tiny_net(dtype=torch.float32) -> DiT:
+    torch.manual_seed(0)
+    return perturbed(DiT(**TINY)).to(dtype)
+
+
+def tiny_inputs(dtype=torch.float32, batch: int = 3):
+    gen = torch.Generator().manual_seed(1)
+    shape = (batch, TINY["in_channels"], TINY["img_resolution"], TINY["img_resolution"])
+    z, v = torch.randn(shape, generator=gen, dtype=dtype), torch.randn(shape, generator=gen, dtype=dtype)
+    t = torch.rand(batch, generator=gen, dtype=dtype) * 0.5 + 0.5
+    r = t * torch.rand(batch, generator=gen, dtype=dtype)
+    labels = torch.tensor([0, 2, TINY["num_classes"]])[:batch]  # the last one is the null class
+    return z, v, t, r, labels
+
+
+@pytest.fixture(scope="module")
+def jax_small() -> dict:
+    with np.load(JAX_FIXTURE) as data:
+        fx = {key: data[key] for key in data.files}
+    fx["meta"] = json.loads(str(fx.pop("meta_json")))
+    fx["param"] = {k[len("param/"):]: v for k, v in fx.items() if k.startswith("param/")}
+    fx["grad"] = {k[len("grad/"):]: v for k, v in fx.items() if k.startswith("grad/")}
+    fx["init_std"] = {k[len("init_std/"):]: v for k, v in fx.items() if k.startswith("init_std/")}
+    return fx
+
+
+def flax_to_torch(flat: dict, meta: dict) -> tuple[dict, dict]:
+    return state_dict_from_flax(flat, img_resolution=meta["dit"]["input_size"], num_heads=meta["dit"]["num_heads"])
+
+
+@pytest.fixture(scope="module")
+def converted(jax_small) -> DiT:
+    config, state_dict = flax_to_torch(jax_small["param"], jax_small["meta"])
+    net = DiT(**config)
+    net.load_state_dict(state_dict, strict=True)
+    return net
+
+
+# ---------------------------------------------------------------- configs and initialisation
+
+@pytest.mark.parametrize("name", list(DIT_CONFIGS))
+def test_parameter_count_matches_their_code_and_the_paper(name):
+    with torch.device("meta"):  # shapes only: no memory, no time spent on random init
+        net = DiT(**DIT_CONFIGS[name])
+    count = sum(p.numel() for p in net.parameters())
+    assert count == JAX_PARAMS[name]
+    assert abs(count / 1e6 - PAPER_PARAMS_M[name]) <= 0.005 * PAPER_PARAMS_M[name]
+
+
+def test_fresh_network_outputs_zero_and_follows_their_init(jax_small):
+    """adaLN and final layer are zero (output exactly 0); the other tensors' spread equals that of their init."""
+    meta = jax_small["meta"]["dit"]
+    torch.manual_seed(0)
+    config = dict(img_resolution=meta["input_size"], in_channels=meta["in_channels"], patch_size=meta["patch_size"],
+                  hidden_size=meta["hidden_size"], depth=meta["depth"], num_heads=meta["num_heads"],
+                  num_classes=meta["num_classes"])
+    net = DiT(**config)
+    z = torch.randn(2, meta["in_channels"], meta["input_size"], meta["input_size"])
+    u = net(z, torch.rand(2), torch.rand(2), torch.tensor([1, meta["num_classes"]]))
+    assert torch.equal(u, torch.zeros_like(u))
+
+    their_std = {torch_name(k): float(v) for k, v in jax_small["init_std"].items()}
+    for name, p in net.named_parameters():
+        if their_std[name] == 0.0:
+            assert torch.count_nonzero(p) == 0, name
+        else:  # same distribution: the standard deviations agree to sampling error (>= 352 elements, < 4%)
+            assert p.std().item() == pytest.approx(their_std[name], rel=0.15), name
+
+
+def test_infer_config_rebuilds_every_config():
+    for config in DIT_CONFIGS.values():
+        with torch.device("meta"):
+            state_dict = DiT(**config).state_dict()
+        assert infer_config(state_dict) == {**config, "mlp_ratio": 4.0, "frequency_embedding_size": 256}
+    assert infer_config(DiT(**TINY).state_dict(), num_heads=2) == {**TINY, "mlp_ratio": 4.0}
+    with pytest.raises(ValueError, match="pass num_heads"):
+        infer_config(DiT(**TINY).state_dict())
+
+
+# ---------------------------------------------------------------- forward
+
+def test_forward_shapes_labels_and_bad_inputs():
+    net = tiny_net()
+    z, _, t, r, labels = tiny_inputs()
+    u = net(z, t, t - r, labels)
+    assert u.shape == z.shape and u.dtype == z.dtype and torch.isfinite(u).all()
+    null = torch.full_like(labels, TINY["num_classes"])
+    assert not torch.allclose(net(z, t, t - r, null)[0], u[0])  # the label matters ...
+    assert torch.equal(net(z, t, t - r, null)[2], u[2])  # ... and the null class is a label like the others
+
+    uncond = perturbed(DiT(**{**TINY, "num_classes": 0}))
+    assert uncond(z, t, t - r).shape == z.shape
+    assert torch.equal(uncond(z, t, t - r), uncond(z, t, t - r, torch.zeros_like(labels)))
+    with pytest.raises(ValueError, match="class-conditional"):
+        net(z, t, t - r)
+    with pytest.raises(ValueError, match="one-hot"):
+        net(z, t, t - r, torch.nn.functional.one_hot(labels, TINY["num_classes"] + 1).float())
+    with pytest.raises(ValueError, match="NCHW"):
+        net(z.permute(0, 2, 3, 1), t, t - r, labels)
+
+
+# ---------------------------------------------------------------- their JAX code
+
+def test_converted_network_reproduces_their_outputs_and_1step_sample(jax_small, converted):
+    fx = {k: torch.from_numpy(v) for k, v in jax_small.items() if isinstance(v, np.ndarray)}
+    with torch.no_grad():
+        u = converted(fx["z"], fx["t"], fx["h"], fx["labels"])
+        ones = torch.ones(len(fx["noise"]))
+        sample = fx["noise"] - converted(fx["noise"], ones, ones, fx["sample_labels"])
+    assert rel_err(u, fx["u"]) < 1e-5
+    assert rel_err(sample, fx["sample_1step"]) < 1e-5
+
+
+def test_state_dict_from_flax_names_the_problem(jax_small):
+    flat = dict(jax_small["param"])
+    flat.pop("blocks/layers_1/mlp/fc2/_flax_linear/bias")
+    with pytest.raises(ValueError, match="missing blocks.1.mlp.fc2.bias"):
+        flax_to_torch(flat, jax_small["meta"])
+    config, _ = flax_to_torch({f"net/{k}": v for k, v in jax_small["param"].items()}, jax_small["meta"])
+    assert config["depth"] == 2 and config["num_classes"] == 10
+
+
+def test_meanflow_loss_and_grads_match_jax(jax_small, converted):
+    """Their MeanFlow.forward (guidance, label dropout, JVP, adaptive weight) on fixed draws, float32."""
+    fx = {k: torch.from_numpy(v) for k, v in jax_small.items() if isinstance(v, np.ndarray)}
+    m = jax_small["meta"]["method"]
+    method = meanflow.MeanFlow(
+        tr_sampler="v0", P_mean_t=m["P_mean"], P_std_t=m["P_std"], P_mean_r=m["P_mean"], P_std_r=m["P_std"],
+        ratio=1 - m["data_proportion"], norm_p=m["norm_p"], norm_eps=m["norm_eps"],
+        num_classes=jax_small["meta"]["dit"]["num_classes"], cfg_omega=m["omega"], cfg_kappa=m["kappa"],
+        cfg_t_start=m["t_start"], cfg_t_end=m["t_end"], label_dropout=m["class_dropout_prob"])
+    converted.zero_grad()
+    loss = method.loss(converted, fx["loss_x"], labels=fx["loss_labels"], noise=fx["loss_e"], t=fx["loss_t"],
+                       r=fx["loss_r"], drop=fx["loss_drop"])
+    loss.backward()
+    assert loss.item() == pytest.approx(fx["loss"].item(), rel=1e-5)
+    _, their_grads = flax_to_torch(jax_small["grad"], jax_small["meta"])
+    for name, p in converted.named_parameters():
+        assert rel_err(p.grad, their_grads[name]) < 1e-4, name
+
+
+def test_read_flax_checkpoint_of_their_train_state(jax_small, tmp_path):
+    """A checkpoint saved as their train.py saves it (TrainState with ema_params, save_checkpoint_multiprocess)."""
+    try:
+        traverse_util, checkpoints = import_flax_checkpoints()
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+    from typing import Any
+
+    import optax
+    from flax.training import train_state
+
+    class TrainState(train_state.TrainState):
+        ema_params: Any
+
+    params = {"net": traverse_util.unflatten_dict(jax_small["param"], sep="/")}
+    ema = {"net": traverse_util.unflatten_dict({k: v / 2 for k, v in jax_small["param"].items()}, sep="/")}
+    state = TrainState.create(apply_fn=None, params=params, ema_params=ema, tx=optax.adamw(1e-4, b2=0.95))
+    checkpoints.save_checkpoint_multiprocess(str(tmp_path), state, 7, keep=3)
+    for folder in (tmp_path, tmp_path / "checkpoint_7"):
+        read = read_flax_checkpoint(folder)
+        assert read["params"].keys() == read["ema_params"].keys() == jax_small["param"].keys()
+        for name, value in jax_small["param"].items():
+            np.testing.assert_array_equal(read["params"][name], value)
+            np.testing.assert_array_equal(read["ema_params"][name], value / 2)
+    config, state_dict = flax_to_torch(read["ema_params"], jax_small["meta"])
+    DiT(**config).load_state_dict(state_dict, strict=True)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        read_flax_checkpoint(tmp_path / "checkpoint_7" / "d")
+
+
+def test_read_flax_checkpoint_without_flax_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "flax", None)  # makes `import flax` fail as if it were not installed
+    with pytest.raises(ModuleNotFoundError, match="needs the package 'flax'.*pip install jax flax orbax-checkpoint"):
+        read_flax_checkpoint(tmp_path)
+
+
+# ---------------------------------------------------------------- forward-mode AD
+
+def test_jvp_matches_central_differences():
+    """du/dt of (z, t, r) -> u(z, t, t - r) along (v, 1, 0), float64."""
+    net = tiny_net(torch.float64)
+    z, v, t, r, labels = tiny_inputs(torch.float64)
+
+    def u_of(z_, t_, r_):
+        return net(z_, t_, t_ - r_, labels)
+
+    _, dudt = torch.func.jvp(u_of, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    eps = 1e-6
+    fd = (u_of(z + eps * v, t + eps, r) - u_of(z - eps * v, t - eps, r)) / (2 * eps)
+    assert rel_err(dudt, fd) < 1e-7
+
+
+def _jvp_objective(net: DiT, params: dict, z, v, t, r, labels) -> torch.Tensor:
+    """A scalar of u and du/dt whose parameter gradient goes through the JVP (as MeanFlow's would, undetached)."""
+    def u_of(z_, t_, r_):
+        return torch.func.functional_call(net, params, (z_, t_, t_ - r_, labels))
+
+    u, dudt = torch.func.jvp(u_of, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    return (u * z).sum() + (dudt * torch.cos(z)).sum()
+
+
+def test_gradient_through_jvp_matches_central_differences():
+    net = tiny_net(torch.float64)
+    z, v, t, r, labels = tiny_inputs(torch.float64)
+    params = {k: p.detach().requires_grad_() for k, p in net.named_parameters()}
+    grads = torch.autograd.grad(_jvp_objective(net, params, z, v, t, r, labels), list(params.values()))
+    gen = torch.Generator().manual_seed(2)
+    direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+    eps = 1e-6
+    with torch.no_grad():
+        shifted = [_jvp_objective(net, {k: p + s * eps * direction[k] for k, p in params.items()}, z, v, t, r, labels)
+                   for s in (1, -1)]
+    fd = (shifted[0] - shifted[1]) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction.values()))
+    assert analytic.item() == pytest.approx(fd.item(), rel=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_jvp_and_backward_match_eager():
+    """The training pattern (jvp, detached target, backward) under torch.compile equals eager, float32.
+
+    backend aot_eager: it traces the same joint forward/JVP/backward graph as inductor, whose CPU
+    code generation takes minutes on two cores.
+    """
+    net = tiny_net()
+    z, v, t, r, labels = tiny_inputs()
+
+    def step(z, v, t, r):
+        u, dudt = torch.func.jvp(lambda z_, t_, r_: net(z_, t_, t_ - r_, labels), (z, t, r),
+                                 (v, torch.ones_like(t), torch.zeros_like(r)))
+        u_tgt = (v - (t - r)[:, None, None, None] * dudt).detach()
+        return (u - u_tgt).square().sum()
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        net.zero_grad()
+        loss = fn(z, v, t, r)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+    (loss_eager, grads_eager), (loss_compiled, grads_compiled) = results
+    assert rel_err(loss_compiled, loss_eager) < 1e-6
+    for g_compiled, g_eager in zip(grads_compiled, grads_eager):
+        assert rel_err(g_compiled, g_eager) < 1e-5
