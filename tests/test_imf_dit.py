@@ -266,3 +266,95 @@ def test_fixture_script_names_a_missing_copy(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
     assert "git clone -b torch https://github.com/Lyy-iiis/imeanflow" in lines[0]
+
+
+# ---------------------------------------------------------------- the objective against their JAX loss
+
+
+def test_improved_meanflow_loss_and_gradients_match_their_jax_code():
+    """Their forward's draws (t, r, noise, omega, interval, dropped rows) given explicitly; loss and its
+    parts to 1e-5 relative, the gradient of every parameter to 1e-4 relative (norm of the difference / norm).
+
+    With p = 1 each weighted term is close to 1, so the loss alone says little: the parts and the
+    gradients carry the comparison.
+    """
+    from meanflow import ImprovedMeanFlow
+
+    data = np.load(FIXTURES / "imf_jax_small.npz")
+    state = from_jax({k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")})
+    net = ImfDiT(**infer_config(state, img_resolution=8))
+    net.load_state_dict(state, strict=True)
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    f = {k.removeprefix("forward/"): torch.from_numpy(data[k]) for k in data.files if k.startswith("forward/")}
+    # The interval as drawn (their uniforms mapped to [0, 0.5], [0.5, 1]): the loss sets (0, 1) on the tied rows.
+    t_min, t_max = 0.5 * torch.from_numpy(data["draw/3_uniform"]), 0.5 + 0.5 * torch.from_numpy(data["draw/4_uniform"])
+    t_min, t_max = t_min.flatten(), t_max.flatten()
+    tied = f["fm_mask"]
+    assert torch.equal(t_min[~tied], f["t_min"][~tied]) and not torch.equal(t_min[tied], f["t_min"][tied])
+    method = ImprovedMeanFlow(num_classes=10)
+    terms = method.loss_terms(net, nchw(data["input/x"]), labels=torch.from_numpy(data["input/labels"]).long(),
+                              noise=nchw(data["draw/2_normal"]), t=f["t"], r=f["r"], omega=f["omega"],
+                              t_min=t_min, t_max=t_max, drop=f["labels_dropped"] == 10)
+    for name in ("loss", "loss_u", "loss_v"):
+        assert abs(terms[name].item() / data[name].item() - 1) < 1e-5, name
+    terms["loss"].backward()
+    grads = from_jax({k.removeprefix("grad/"): data[k] for k in data.files if k.startswith("grad/")})
+    assert grads.keys() == dict(net.named_parameters()).keys()
+    for name, p in net.named_parameters():
+        assert rel_err(p.grad, grads[name]) < 1e-4, name
+
+
+class ToyGuided(torch.nn.Module):
+    """(u, v) = (z s, -z s), s = w (1 + h + label / 10): records the labels of each call."""
+
+    takes_guidance = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.labels_seen = []
+
+    def forward(self, z, t, h, labels, omega, t_min, t_max):
+        self.labels_seen.append(labels)
+        s = (self.w * (1 + h + labels / 10)).view(-1, 1, 1, 1)
+        return z * s, -z * s
+
+
+def test_improved_meanflow_draws():
+    from meanflow import ImprovedMeanFlow
+
+    method = ImprovedMeanFlow(num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    t, r = method.sample_t_r(n, generator=g)
+    assert torch.all(t >= r) and abs((t == r).float().mean().item() - 0.5) < 0.02
+    omega, t_min, t_max = method.sample_guidance(n, generator=g)
+    assert omega.min() >= 1 and omega.max() <= 8 and t_min.max() <= 0.5 and t_max.min() >= 0.5
+    assert abs((omega.log() / np.log(8)).mean().item() - 0.5) < 0.01  # log_8 omega ~ U[0, 1]
+    assert abs(method.sample_drop(n, generator=g).float().mean().item() - 0.2) < 0.02  # 0.1 of the batch / 0.5 tied
+
+    net = ToyGuided()
+    x, labels = torch.randn(64, 1, 2, 2), torch.arange(64) % 10
+    loss = method.loss(net, x, labels=labels, generator=torch.Generator().manual_seed(1))
+    assert loss == method.loss(net, x, labels=labels, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    torch.randn(x.shape, generator=g)
+    t, r = method.sample_t_r(64, generator=g)
+    method.sample_guidance(64, generator=g)
+    drop = method.sample_drop(64, generator=g)
+    dropped = net.labels_seen[-1] == 10  # the JVP call's labels
+    assert torch.equal(dropped, drop & (t == r)) and dropped.any()
+
+
+def test_improved_meanflow_errors_name_the_fix():
+    from meanflow import ImprovedMeanFlow
+
+    with pytest.raises(ValueError, match="class-conditional"):
+        ImprovedMeanFlow(num_classes=0)
+    with pytest.raises(ValueError, match=r"among the r = t rows.*\[0, data_proportion=0.5\]"):
+        ImprovedMeanFlow(num_classes=10, class_dropout_prob=0.6)
+    method, x = ImprovedMeanFlow(num_classes=10), torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="omega, t_min and t_max together"):
+        method.loss(ToyGuided(), x, labels=torch.zeros(2, dtype=torch.long), omega=torch.ones(2))
+    with pytest.raises(ValueError, match=r"class indices of shape \[2\]"):
+        method.loss(ToyGuided(), x, labels=torch.zeros(2, 10))
