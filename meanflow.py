@@ -11,6 +11,8 @@ indices [B] (LongTensor) for a class-conditional network, where the index ``num_
 null class, "no label" (the unconditional model of classifier-free guidance); ``aug_cond`` for
 a network trained with augmentation labels. Guidance (paper Sec. 4.2) is built into the training
 target, so sampling stays one network evaluation per step; see docs/guidance.md.
+``ImprovedMeanFlow`` is the objective of improved MeanFlow (iMF), for networks that take the
+guidance scale and interval as inputs and return (u, v); see docs/imf.md.
 """
 
 import math
@@ -35,6 +37,11 @@ def conditions(labels: torch.Tensor | None = None, aug_cond: torch.Tensor | None
     if aug_cond is not None:
         cond["aug_cond"] = aug_cond
     return cond
+
+
+def adaptive_weighted(err: torch.Tensor, norm_p: float, norm_eps: float) -> torch.Tensor:
+    """err / stopgrad(err + norm_eps)^norm_p per sample: roughly ||.||^(2 - 2p) in place of the L2 loss."""
+    return err / (err.detach() + norm_eps).pow(norm_p)
 
 
 def _get_rng_state(device: torch.device) -> tuple:
@@ -336,9 +343,7 @@ class MeanFlow:
             u, dudt = u.to(dtype), dudt.to(dtype)
             u_tgt = (v - _broadcast(t - r, x) * dudt).detach()
             err = (u - u_tgt).square().reshape(batch, -1).sum(dim=1)
-            # Adaptive weighting: dividing by (err + eps)^p turns the L2 loss into roughly ||.||^(2 - 2p).
-            weight = (err.detach() + self.norm_eps).pow(self.norm_p)
-            return (err / weight).mean()
+            return adaptive_weighted(err, self.norm_p, self.norm_eps).mean()
 
     def _dropped_labels(self, labels: torch.Tensor, drop: torch.Tensor | None, batch: int,
                         generator: torch.Generator | None) -> torch.Tensor:
@@ -379,6 +384,188 @@ def _check_given_times(t: torch.Tensor, r: torch.Tensor, batch: int) -> None:
             f"t >= r is required, but t[{i}]={float(t[i]):.6g} < r[{i}]={float(r[i]):.6g} "
             f"({bad.numel()} such entries): swap them or draw them with MeanFlow.sample_t_r"
         )
+
+
+class ImprovedMeanFlow:
+    """The improved MeanFlow objective (iMF, arXiv 2512.02012), as the authors' JAX ``imf.py`` computes it.
+
+    The network takes the guidance as inputs and has a second head for the instantaneous velocity:
+    ``net(z, t, h, labels=, omega=, t_min=, t_max=) -> (u, v)`` (models/imf_dit.py). Per sample:
+
+        t, r          logit-normal(P_mean, P_std) each, ordered; r = t with probability data_proportion
+        omega         omega_max ** w, w ~ U[0, 1]         (their cfg_beta = 1 with s_max = 7)
+        t_min, t_max  U[0, 0.5] and U[0.5, 1]; (0, 1) where r = t
+        v_c, v_u      the v-head at h = 0 and interval (0, 1), with (label, omega) and (null, 1)
+        v_g           v + (1 - 1/omega') (v_c' - v_u): omega' = omega where t_min <= t <= t_max, else 1,
+                      and v_c' the v-head at omega'; where r = t, v + (1 - 1/omega) (v_c - v_u)
+        dropped       among the r = t rows: null label and v_g = v (omega and interval kept)
+        u, du/dt      JVP of (z, t, r) -> u(z, t, t - r | label, omega, interval) along (v_c', 1, 0),
+                      v_c' computed with the label before dropping; v_head: the v output of that call
+        loss          w(||u + (t - r) sg(du/dt) - sg(v_g)||^2) + w(||v_head - sg(v_g)||^2), each term
+                      weighted on its own, w(e) = e / sg(e + eps)^p; mean over the batch
+
+    The guidance forwards run without gradient; nothing flips the network's train/eval mode (imfDiT
+    has no dropout). Draws are per sample, so they do not depend on how a batch is split:
+    their code ties the first half of the batch (r = t) and drops a Binomial number of its leading
+    rows; here each row is tied with probability data_proportion and each tied row dropped with
+    probability class_dropout_prob / data_proportion, the same expected counts.
+
+    class_dropout_prob: the expected fraction of the batch whose label is dropped (theirs, 0.1).
+    autocast: None or torch.bfloat16, as for ``MeanFlow``: network calls run under it, the rest in float32.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        P_mean: float = -0.4,
+        P_std: float = 1.0,
+        data_proportion: float = 0.5,
+        omega_max: float = 8.0,
+        class_dropout_prob: float = 0.1,
+        norm_p: float = 1.0,
+        norm_eps: float = 0.01,
+        autocast: torch.dtype | None = None,
+    ):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r}: iMF is class-conditional, use an integer >= 1")
+        if not 0.0 <= data_proportion <= 1.0:
+            raise ValueError(f"data_proportion={data_proportion} is a probability: use a value in [0, 1]")
+        if not 0.0 <= class_dropout_prob <= data_proportion:
+            raise ValueError(f"class_dropout_prob={class_dropout_prob}: labels are dropped among the r = t rows, "
+                             f"so use a value in [0, data_proportion={data_proportion}]")
+        if not omega_max >= 1.0:
+            raise ValueError(f"omega_max={omega_max}: guidance scales are >= 1, use omega_max >= 1")
+        if not (norm_p >= 0.0 and norm_eps >= 0.0):
+            raise ValueError(f"norm_p={norm_p}, norm_eps={norm_eps}: both must be >= 0")
+        if autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast={autocast!r}: use one of {AUTOCAST_DTYPES}")
+        self.num_classes = num_classes
+        self.data_proportion = float(data_proportion)
+        self.omega_max = float(omega_max)
+        self.class_dropout_prob = float(class_dropout_prob)
+        self.norm_p, self.norm_eps = float(norm_p), float(norm_eps)
+        self.autocast = autocast
+        # MeanFlow's "v0" sampler is theirs: order the two logit-normal draws, then tie r to t.
+        self._tr = MeanFlow(tr_sampler="v0", P_mean_t=P_mean, P_std_t=P_std, P_mean_r=P_mean, P_std_r=P_std,
+                            ratio=1.0 - data_proportion)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"ImprovedMeanFlow(P_mean={self._tr.P_mean_t}, P_std={self._tr.P_std_t}, {fields})"
+
+    def sample_t_r(self, batch_size: int, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, r), [batch_size] each, t >= r; drawn as ``MeanFlow.sample_t_r`` with tr_sampler "v0"."""
+        return self._tr.sample_t_r(batch_size, device, generator)
+
+    def sample_guidance(self, batch_size: int, device: torch.device | str = "cpu",
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """(omega, t_min, t_max), [batch_size] each: omega_max^U[0,1], U[0, 0.5], U[0.5, 1], drawn in that order.
+
+        The loss sets the interval of the r = t rows to (0, 1).
+        """
+        w, lo, hi = torch.rand(3, batch_size, device=device, dtype=torch.float32, generator=generator)
+        return self.omega_max ** w, 0.5 * lo, 0.5 + 0.5 * hi
+
+    def sample_drop(self, batch_size: int, device: torch.device | str = "cpu",
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """[batch_size] bool, P = class_dropout_prob / data_proportion; the loss drops only the r = t rows of it."""
+        p = self.class_dropout_prob / self.data_proportion if self.data_proportion else 0.0
+        return torch.rand(batch_size, device=device, dtype=torch.float32, generator=generator) < p
+
+    def _net_autocast(self, device: torch.device):
+        return torch.autocast(device_type=device.type, dtype=self.autocast, enabled=self.autocast is not None,
+                              cache_enabled=False)
+
+    def loss_terms(self, net, x: torch.Tensor, *, labels: torch.Tensor, noise: torch.Tensor | None = None,
+                   t: torch.Tensor | None = None, r: torch.Tensor | None = None, omega: torch.Tensor | None = None,
+                   t_min: torch.Tensor | None = None, t_max: torch.Tensor | None = None,
+                   drop: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """{"loss": the batch-mean loss (with graph), "loss_u", "loss_v": mean squared errors of the two
+        terms before weighting (detached; their logged values)}. Arguments as for ``loss``."""
+        batch = x.shape[0]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype)
+        kw = dict(device=x.device, generator=generator)
+        if labels.is_floating_point() or labels.dtype == torch.bool or tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels must be class indices of shape [{batch}] (an integer tensor), "
+                             f"got {labels.dtype} {tuple(labels.shape)}")
+        if noise is None:
+            noise = torch.randn(x.shape, device=x.device, dtype=dtype, generator=generator)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x shape {tuple(x.shape)}")
+        if (t is None) != (r is None):
+            raise ValueError("pass both t and r, or neither (they are drawn jointly so that t >= r)")
+        if t is None:
+            t, r = self.sample_t_r(batch, **kw)
+        else:
+            _check_given_times(t, r, batch)
+        given = (omega, t_min, t_max)
+        if any(s is None for s in given) and not all(s is None for s in given):
+            raise ValueError("pass omega, t_min and t_max together, or none of them")
+        omega, t_min, t_max = self.sample_guidance(batch, **kw) if omega is None else given
+        drop = self.sample_drop(batch, **kw) if drop is None else drop
+        for name, s in (("omega", omega), ("t_min", t_min), ("t_max", t_max), ("drop", drop)):
+            if tuple(s.shape) != (batch,):
+                raise ValueError(f"{name} must have shape [{batch}], got {tuple(s.shape)}")
+        t, r, omega, t_min, t_max = (s.to(device=x.device, dtype=dtype) for s in (t, r, omega, t_min, t_max))
+        noise = noise.to(dtype)
+        tied = t == r
+        t_min, t_max = torch.where(tied, 0.0, t_min), torch.where(tied, 1.0, t_max)
+        drop = drop.to(x.device, torch.bool) & tied
+
+        def b(s: torch.Tensor) -> torch.Tensor:
+            return _broadcast(s, x)
+
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = (1 - b(t)) * x + b(t) * noise
+            v = noise - x
+            zeros, ones, null = torch.zeros_like(t), torch.ones_like(t), torch.full_like(labels, self.num_classes)
+            with torch.no_grad(), self._net_autocast(x.device):
+                # One double batch for the conditional and unconditional v-head at omega, interval (0, 1).
+                _, v_both = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([zeros, zeros]),
+                                labels=torch.cat([labels, null]), omega=torch.cat([omega, ones]),
+                                t_min=torch.cat([zeros, zeros]), t_max=torch.cat([ones, ones]))
+                v_c, v_u = v_both.to(dtype).chunk(2)
+                v_g_tied = v + b(1 - 1 / omega) * (v_c - v_u)
+                omega_in = torch.where((t >= t_min) & (t <= t_max), omega, 1.0)
+                _, v_c = net(z, t, zeros, labels=labels, omega=omega_in, t_min=zeros, t_max=ones)
+                v_c = v_c.to(dtype)
+                v_g = torch.where(b(tied), v_g_tied, v + b(1 - 1 / omega_in) * (v_c - v_u))
+                v_g = torch.where(b(drop), v, v_g)
+            labels = torch.where(drop, null, labels)
+
+            def u_fn(z_, t_, r_):
+                with self._net_autocast(x.device):
+                    return net(z_, t_, t_ - r_, labels=labels, omega=omega, t_min=t_min, t_max=t_max)
+
+            # v_c is the tangent of z (theirs: the guided path's conditional velocity, not v_g).
+            u, dudt, v_head = torch.func.jvp(u_fn, (z, t, r), (v_c, ones, zeros), has_aux=True)
+            u, dudt, v_head = u.to(dtype), dudt.to(dtype), v_head.to(dtype)
+            V = u + b(t - r) * dudt.detach()
+            err_u = (V - v_g).square().reshape(batch, -1).sum(dim=1)
+            err_v = (v_head - v_g).square().reshape(batch, -1).sum(dim=1)
+            loss = (adaptive_weighted(err_u, self.norm_p, self.norm_eps)
+                    + adaptive_weighted(err_v, self.norm_p, self.norm_eps)).mean()
+            numel = err_u.new_tensor(v.numel())
+            return {"loss": loss, "loss_u": err_u.detach().sum() / numel, "loss_v": err_v.detach().sum() / numel}
+
+    def loss(self, net, x: torch.Tensor, *, labels: torch.Tensor, noise: torch.Tensor | None = None,
+             t: torch.Tensor | None = None, r: torch.Tensor | None = None, omega: torch.Tensor | None = None,
+             t_min: torch.Tensor | None = None, t_max: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Batch-mean iMF loss, a 0-dim tensor.
+
+        x: [B, ...] data; labels: class indices [B] in 0..num_classes-1. The draws are used as they
+        are when given, else drawn from ``generator`` in this order: noise, (t, r)
+        (``sample_t_r``), (omega, t_min, t_max) (``sample_guidance``), drop (``sample_drop``).
+        Rows with t == r are the tied rows: their interval is set to (0, 1), and only they are
+        dropped (drop [B] bool marks candidates). Computed in float32 (float64 for float64 x).
+        """
+        return self.loss_terms(net, x, labels=labels, noise=noise, t=t, r=r, omega=omega, t_min=t_min,
+                               t_max=t_max, drop=drop, generator=generator)["loss"]
 
 
 @torch.no_grad()

@@ -1,0 +1,360 @@
+"""models/imf_dit.py and models/imf_convert.py: sizes, the authors' outputs, derivatives, initialisation.
+
+Reference outputs come from the authors' code (docs/imf.md, "Reference outputs"): imf_torch_small.pt
+from their PyTorch inference model, imf_jax_small.npz from their JAX training code.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, ROOT
+from models.imf_convert import from_jax, from_official, infer_config, load_official, to_official
+from models.imf_dit import IMF_CONFIGS, ImfDiT, RoPEAttention, rope_angles
+
+# The fixtures' network: 2 shared blocks, one u-head block (and one v-head block).
+SMALL = dict(img_resolution=8, in_channels=4, num_classes=10, patch_size=2, hidden_size=32, depth=3,
+             num_heads=4, aux_head_depth=1)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).norm() / want.norm()).item()
+
+
+def perturbed(net: ImfDiT, scale: float = 0.2) -> ImfDiT:
+    """Noise on the parameters that start constant (gates, output layers, norms), so every path counts."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if torch.all(p == p.flatten()[0]):
+                p.add_(scale * torch.randn_like(p))
+    return net
+
+
+def small_inputs(batch: int = 4, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    rand = lambda: torch.rand(batch, generator=g, dtype=dtype)  # noqa: E731
+    t = rand()
+    return dict(z=torch.randn(batch, 4, 8, 8, generator=g, dtype=dtype), t=t, h=t * rand(),
+                labels=torch.arange(batch) % 11, omega=1 + 3 * rand(), t_min=0.5 * rand(), t_max=0.5 + 0.5 * rand())
+
+
+def call(net: ImfDiT, x: dict[str, torch.Tensor]):
+    return net(x["z"], x["t"], x["h"], labels=x["labels"], omega=x["omega"], t_min=x["t_min"], t_max=x["t_max"])
+
+
+# ---------------------------------------------------------------- sizes
+
+
+# Millions of parameters stated for iMF (without the v-head blocks, with them).
+STATED_MILLIONS = {"B/2": (89, 146), "M/2": (174, 231), "L/2": (409, 510), "XL/2": (610, 711)}
+
+
+@pytest.mark.parametrize("name", list(IMF_CONFIGS))
+def test_parameter_counts(name):
+    """Built on the meta device (no memory); the stated figures are rounded to millions: within 0.5 M."""
+    counts = []
+    for v_head in (False, True):
+        with torch.device("meta"):
+            net = ImfDiT(**IMF_CONFIGS[name], v_head=v_head)
+        counts.append(sum(p.numel() for p in net.parameters()))
+        assert len(net.shared_blocks) + len(net.u_heads) == IMF_CONFIGS[name]["depth"]
+    for count, stated in zip(counts, STATED_MILLIONS[name]):
+        assert abs(count - stated * 1e6) < 0.5e6, (name, count)
+
+
+# ---------------------------------------------------------------- the authors' PyTorch model
+
+
+@pytest.fixture(scope="module")
+def torch_fixture():
+    return torch.load(FIXTURES / "imf_torch_small.pt", weights_only=True)
+
+
+def their_call(net: ImfDiT, inputs: dict[str, torch.Tensor]):
+    x = inputs
+    return net(x["z"], x["t"], x["h"], x["labels"], x["omega"], x["t_min"], x["t_max"])
+
+
+def test_official_eval_checkpoint_loads_strict_and_gives_their_u(torch_fixture):
+    """Their inference layout (iMF-*.pth): a network without v-head, u equal to theirs.
+
+    Their v in this mode is v_final_layer on the shared trunk, not a trained velocity: not compared.
+    """
+    net = load_official(torch_fixture["eval"]["state_dict"], img_resolution=8)
+    assert not net.has_v_head
+    with torch.no_grad():
+        u, v = their_call(net, torch_fixture["inputs"])
+    assert v is None
+    torch.testing.assert_close(u, torch_fixture["eval"]["u"], rtol=0, atol=1e-5)
+
+
+def test_official_full_network_gives_their_u_and_v(torch_fixture):
+    net = load_official(torch_fixture["full"]["state_dict"], img_resolution=8)
+    assert net.has_v_head
+    with torch.no_grad():
+        u, v = their_call(net, torch_fixture["inputs"])
+    torch.testing.assert_close(u, torch_fixture["full"]["u"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, torch_fixture["full"]["v"], rtol=0, atol=1e-5)
+
+
+def test_infer_config_and_export_round_trip(torch_fixture):
+    theirs = torch_fixture["eval"]["state_dict"]
+    assert infer_config(theirs, img_resolution=8) == {
+        **SMALL, "mlp_ratio": 8 / 3, "v_head": False, "num_class_tokens": 8, "num_time_tokens": 4,
+        "num_cfg_tokens": 4, "num_interval_tokens": 2}
+    exported = to_official(load_official(theirs, img_resolution=8).state_dict())
+    assert exported.keys() == theirs.keys()
+    for key, value in exported.items():
+        if ".v_final_layer." in key:  # not in our network: written back as their initialisation
+            assert torch.equal(value, torch.ones_like(value) if "norm" in key else torch.zeros_like(value))
+        else:
+            assert torch.equal(value, theirs[key]), key
+    full = torch_fixture["full"]["state_dict"]
+    exported = to_official(from_official(full), keep_v_heads=True)
+    assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
+
+
+def test_from_official_names_the_expected_layout():
+    with pytest.raises(ValueError, match=r"start with 'net\.'"):
+        from_official(ImfDiT(**SMALL).state_dict())
+
+
+# ---------------------------------------------------------------- the authors' JAX model
+
+
+def test_jax_parameters_convert_to_their_outputs():
+    """Their flax parameters, converted, give their u and v (their arrays are NHWC; ours NCHW)."""
+    data = np.load(FIXTURES / "imf_jax_small.npz")
+    state = from_jax({k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")})
+    net = ImfDiT(**infer_config(state, img_resolution=8))
+    net.load_state_dict(state, strict=True)
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)  # noqa: E731
+    f = {k.removeprefix("forward/"): torch.from_numpy(data[k]) for k in data.files if k.startswith("forward/")}
+    with torch.no_grad():
+        u, v = net(nchw(data["input/z"]), f["t"], f["t"] - f["r"], f["labels_dropped"].long(), f["omega"],
+                   f["t_min"], f["t_max"])
+    torch.testing.assert_close(u, nchw(data["output/u"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, nchw(data["output/v"]), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- derivatives
+
+
+def test_rope_attention_jvp_and_gradient_match_finite_differences():
+    """Tangents and gradients flow through the rotated queries and keys (float64 gradcheck, both modes).
+
+    A complex view of the channels (the authors' PyTorch RoPE) is not differentiable: the
+    query/key path would get no gradient and a zero tangent.
+    """
+    torch.manual_seed(0)
+    attn = RoPEAttention(8, 2).double()
+    angles = rope_angles(4, 3).double()
+    cos, sin = angles.cos(), angles.sin()
+    x = torch.randn(1, 3, 8, dtype=torch.double, requires_grad=True)
+    wq = attn.q_proj.weight.detach().clone().requires_grad_()
+
+    def fn(x_, wq_):
+        return torch.func.functional_call(attn, {"q_proj.weight": wq_}, (x_, cos, sin))
+
+    assert torch.autograd.gradcheck(fn, (x, wq), check_forward_ad=True, check_backward_ad=True)
+    grad_wq, = torch.autograd.grad(fn(x, wq).square().sum(), wq)
+    assert grad_wq.abs().max() > 1e-3
+
+
+def test_network_jvp_matches_finite_differences():
+    """d/dt u(z + t v, t, t - r) at (z, t, r), the tangent the iMF loss uses, against central differences."""
+    net = perturbed(ImfDiT(**SMALL)).double()
+    x = small_inputs(dtype=torch.double)
+    v = torch.randn_like(x["z"])
+    r = x["t"] - x["h"]
+
+    def u_of(z, t, r_):
+        return net(z, t, t - r_, labels=x["labels"], omega=x["omega"], t_min=x["t_min"], t_max=x["t_max"])[0]
+
+    _, dudt = torch.func.jvp(u_of, (x["z"], x["t"], r), (v, torch.ones_like(r), torch.zeros_like(r)))
+    eps = 1e-6
+    with torch.no_grad():
+        numeric = (u_of(x["z"] + eps * v, x["t"] + eps, r) - u_of(x["z"] - eps * v, x["t"] - eps, r)) / (2 * eps)
+    assert rel_err(dudt, numeric) < 1e-7
+
+
+@pytest.mark.slow
+def test_compiled_jvp_and_backward_match_eager():
+    """Dynamo + AOTAutograd trace the JVP through the network and its backward as one graph.
+
+    One block in each of trunk, u-head and v-head; "aot_eager" because inductor's code generation
+    takes minutes on a CPU. Tracing is where a layer without a compilable forward-AD rule fails.
+    """
+    net = perturbed(ImfDiT(**{**SMALL, "depth": 2, "hidden_size": 16, "num_heads": 2}))
+    x = small_inputs(batch=2)
+    v = torch.randn_like(x["z"])
+
+    def loss_fn(z, v_, t, r):
+        def u_fn(z_, t_, r_):
+            return net(z_, t_, t_ - r_, labels=x["labels"], omega=x["omega"], t_min=x["t_min"], t_max=x["t_max"])
+
+        (u, v_head), (dudt, _) = torch.func.jvp(u_fn, (z, t, r), (v_, torch.ones_like(t), torch.zeros_like(r)))
+        V = u + (t - r)[:, None, None, None] * dudt.detach()
+        return (V - v_).square().mean() + (v_head - v_).square().mean()
+
+    def loss_and_grads(fn):
+        net.zero_grad(set_to_none=True)
+        loss = fn(x["z"], v, x["t"], x["t"] - x["h"])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(loss_fn)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    assert rel_err(compiled_loss, eager_loss) < 1e-5
+    for got, want in zip(compiled_grads, eager_grads):
+        assert rel_err(got, want) < 1e-4
+
+
+# ---------------------------------------------------------------- initialisation and conventions
+
+
+def test_fresh_network_is_zero_at_output_and_identity_in_blocks():
+    torch.manual_seed(0)
+    net = ImfDiT(**{**SMALL, "hidden_size": 64})
+    x = small_inputs()
+    u, v = call(net, x)
+    assert torch.equal(u, torch.zeros_like(u)) and torch.equal(v, torch.zeros_like(v))
+    blocks = [*net.shared_blocks, *net.u_heads, *net.v_heads]
+    assert all(torch.equal(b.attn_scale, torch.zeros(64)) and torch.equal(b.mlp_scale, torch.zeros(64)) for b in blocks)
+    seq = torch.randn(2, net.rope_cos.shape[0], 64)
+    assert torch.equal(blocks[0](seq, net.rope_cos, net.rope_sin), seq)
+    for layer in (net.u_final_layer, net.v_final_layer):
+        assert not layer.linear.weight.any() and not layer.linear.bias.any()
+        assert torch.equal(layer.norm.weight, torch.ones(64))
+    # Their initialisation: N(0, (c / sqrt(fan_in))^2) with c = 0.32 in blocks, 1 in embedders and tokens.
+    assert net.shared_blocks[0].mlp.w2.weight.std().item() == pytest.approx(0.32 / 170 ** 0.5, rel=0.1)
+    assert net.h_embedder.mlp[0].weight.std().item() == pytest.approx(1 / 256 ** 0.5, rel=0.1)
+    assert net.class_tokens.std().item() == pytest.approx(1 / 64 ** 0.5, rel=0.3)
+    limit = (6 / (2 * 2 * 4 + 64)) ** 0.5
+    assert net.x_embedder.proj.weight.abs().max() <= limit and net.x_embedder.proj.weight.abs().max() > 0.9 * limit
+    assert not net.h_embedder.mlp[0].bias.any() and not net.x_embedder.proj.bias.any()
+
+
+def test_defaults_are_null_label_omega_1_full_interval_and_t_is_ignored():
+    net = perturbed(ImfDiT(**SMALL, v_head=False))
+    x = small_inputs()
+    with torch.no_grad():
+        u, v = net(x["z"], x["t"], x["h"])
+        batch = len(x["t"])
+        explicit, _ = net(x["z"], 1 - x["t"], x["h"], labels=torch.full((batch,), 10), omega=torch.ones(batch),
+                          t_min=torch.zeros(batch), t_max=torch.ones(batch))
+    assert v is None
+    torch.testing.assert_close(u, explicit, rtol=0, atol=0)
+    assert ImfDiT.takes_guidance and (net.in_channels, net.img_resolution, net.num_classes) == (4, 8, 10)
+
+
+def test_wrong_input_shape_is_named():
+    with pytest.raises(ValueError, match=r"z of shape \[B, 4, 8, 8\].*got \[2, 4, 16, 16\]"):
+        ImfDiT(**SMALL)(torch.zeros(2, 4, 16, 16), torch.zeros(2), torch.zeros(2))
+
+
+def test_fixture_script_names_a_missing_copy(tmp_path):
+    missing = tmp_path / "imeanflow-torch"
+    script = FIXTURES / "make_imf_fixtures.py"
+    result = subprocess.run([sys.executable, str(script), str(missing), "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
+    assert "git clone -b torch https://github.com/Lyy-iiis/imeanflow" in lines[0]
+
+
+# ---------------------------------------------------------------- the objective against their JAX loss
+
+
+def test_improved_meanflow_loss_and_gradients_match_their_jax_code():
+    """Their forward's draws (t, r, noise, omega, interval, dropped rows) given explicitly; loss and its
+    parts to 1e-5 relative, the gradient of every parameter to 1e-4 relative (norm of the difference / norm).
+
+    With p = 1 each weighted term is close to 1, so the loss alone says little: the parts and the
+    gradients carry the comparison.
+    """
+    from meanflow import ImprovedMeanFlow
+
+    data = np.load(FIXTURES / "imf_jax_small.npz")
+    state = from_jax({k.removeprefix("param/"): data[k] for k in data.files if k.startswith("param/")})
+    net = ImfDiT(**infer_config(state, img_resolution=8))
+    net.load_state_dict(state, strict=True)
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    f = {k.removeprefix("forward/"): torch.from_numpy(data[k]) for k in data.files if k.startswith("forward/")}
+    # The interval as drawn (their uniforms mapped to [0, 0.5], [0.5, 1]): the loss sets (0, 1) on the tied rows.
+    t_min, t_max = 0.5 * torch.from_numpy(data["draw/3_uniform"]), 0.5 + 0.5 * torch.from_numpy(data["draw/4_uniform"])
+    t_min, t_max = t_min.flatten(), t_max.flatten()
+    tied = f["fm_mask"]
+    assert torch.equal(t_min[~tied], f["t_min"][~tied]) and not torch.equal(t_min[tied], f["t_min"][tied])
+    method = ImprovedMeanFlow(num_classes=10)
+    terms = method.loss_terms(net, nchw(data["input/x"]), labels=torch.from_numpy(data["input/labels"]).long(),
+                              noise=nchw(data["draw/2_normal"]), t=f["t"], r=f["r"], omega=f["omega"],
+                              t_min=t_min, t_max=t_max, drop=f["labels_dropped"] == 10)
+    for name in ("loss", "loss_u", "loss_v"):
+        assert abs(terms[name].item() / data[name].item() - 1) < 1e-5, name
+    terms["loss"].backward()
+    grads = from_jax({k.removeprefix("grad/"): data[k] for k in data.files if k.startswith("grad/")})
+    assert grads.keys() == dict(net.named_parameters()).keys()
+    for name, p in net.named_parameters():
+        assert rel_err(p.grad, grads[name]) < 1e-4, name
+
+
+class ToyGuided(torch.nn.Module):
+    """(u, v) = (z s, -z s), s = w (1 + h + label / 10): records the labels of each call."""
+
+    takes_guidance = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.labels_seen = []
+
+    def forward(self, z, t, h, labels, omega, t_min, t_max):
+        self.labels_seen.append(labels)
+        s = (self.w * (1 + h + labels / 10)).view(-1, 1, 1, 1)
+        return z * s, -z * s
+
+
+def test_improved_meanflow_draws():
+    from meanflow import ImprovedMeanFlow
+
+    method = ImprovedMeanFlow(num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    t, r = method.sample_t_r(n, generator=g)
+    assert torch.all(t >= r) and abs((t == r).float().mean().item() - 0.5) < 0.02
+    omega, t_min, t_max = method.sample_guidance(n, generator=g)
+    assert omega.min() >= 1 and omega.max() <= 8 and t_min.max() <= 0.5 and t_max.min() >= 0.5
+    assert abs((omega.log() / np.log(8)).mean().item() - 0.5) < 0.01  # log_8 omega ~ U[0, 1]
+    assert abs(method.sample_drop(n, generator=g).float().mean().item() - 0.2) < 0.02  # 0.1 of the batch / 0.5 tied
+
+    net = ToyGuided()
+    x, labels = torch.randn(64, 1, 2, 2), torch.arange(64) % 10
+    loss = method.loss(net, x, labels=labels, generator=torch.Generator().manual_seed(1))
+    assert loss == method.loss(net, x, labels=labels, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    torch.randn(x.shape, generator=g)
+    t, r = method.sample_t_r(64, generator=g)
+    method.sample_guidance(64, generator=g)
+    drop = method.sample_drop(64, generator=g)
+    dropped = net.labels_seen[-1] == 10  # the JVP call's labels
+    assert torch.equal(dropped, drop & (t == r)) and dropped.any()
+
+
+def test_improved_meanflow_errors_name_the_fix():
+    from meanflow import ImprovedMeanFlow
+
+    with pytest.raises(ValueError, match="class-conditional"):
+        ImprovedMeanFlow(num_classes=0)
+    with pytest.raises(ValueError, match=r"among the r = t rows.*\[0, data_proportion=0.5\]"):
+        ImprovedMeanFlow(num_classes=10, class_dropout_prob=0.6)
+    method, x = ImprovedMeanFlow(num_classes=10), torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="omega, t_min and t_max together"):
+        method.loss(ToyGuided(), x, labels=torch.zeros(2, dtype=torch.long), omega=torch.ones(2))
+    with pytest.raises(ValueError, match=r"class indices of shape \[2\]"):
+        method.loss(ToyGuided(), x, labels=torch.zeros(2, 10))
