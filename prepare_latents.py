@@ -11,7 +11,6 @@ processes; they are not across batch sizes, devices or library versions (the VAE
 differently), only close (docs/imagenet.md).
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -147,7 +146,8 @@ def _prepare_folder(out: Path, wanted: dict) -> bool:
         if done is not None:
             return True
     elif out.is_dir() and any(not p.name.endswith(".tmp") for p in out.iterdir()):
-        raise UserFileError(f"{out} is not empty and holds no latents of prepare_latents.py; pass an empty or new --out")
+        raise UserFileError(f"{out} is not empty and holds no latents of prepare_latents.py; "
+                            f"pass an empty or new --out")
     else:
         write_description(out, wanted, PENDING_FILE)
     for stale in out.glob(".*.tmp"):  # files of a write that a killed run left half done

@@ -58,7 +58,8 @@ def _kind(path: str, members: dict) -> tuple[str, str, str, str]:
                 f"ADM reference batch {name}: its stored mu/sigma (Inception statistics of the whole training "
                 f"set); its {n} images (arr_0) are not used for FID")
     if "ref_mu" in members:
-        return "jax-ref-stats", "ref_mu", "ref_sigma", f"statistics file {name} of the MeanFlow JAX code (ref_mu/ref_sigma)"
+        return ("jax-ref-stats", "ref_mu", "ref_sigma",
+                f"statistics file {name} of the MeanFlow JAX code (ref_mu/ref_sigma)")
     if "mu" in members:
         return "stats", "mu", "sigma", f"statistics file {name} (mu/sigma)"
     raise UserFileError(f"{path} holds no reference statistics (arrays {sorted(members)}); give ADM's reference "

@@ -85,7 +85,8 @@ class LatentDataset:
         folder = Path(folder)
         description = read_description(folder)
         if description is None:
-            state = "does not exist" if not folder.is_dir() else "has no dataset.json (unfinished or not a latent folder)"
+            state = ("does not exist" if not folder.is_dir()
+                     else "has no dataset.json (unfinished or not a latent folder)")
             raise UserFileError(f"latent folder {folder} {state}: make it with prepare_latents.py, or run the "
                                 f"same prepare_latents.py command again to finish it")
         if description.get("format") != FORMAT:

@@ -71,7 +71,8 @@ def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
     """(C, H, W) of the latents of `resolution` x `resolution` images: (4, 32, 32) at 256 for the SD VAE."""
     factor = downsampling(vae)
     if resolution <= 0 or resolution % factor:
-        raise UserValueError(f"resolution {resolution} must be a positive multiple of {factor} (the VAE's downsampling)")
+        raise UserValueError(f"resolution {resolution} must be a positive multiple of {factor} "
+                             f"(the VAE's downsampling)")
     return (vae.config.latent_channels, resolution // factor, resolution // factor)
 
 
