@@ -115,3 +115,70 @@ def extractor_key(extractor: Extractor) -> str:
     if key is None:
         key = getattr(extractor, "__qualname__", type(extractor).__qualname__)
     return str(key)
+
+
+# ---------------------------------------------------------------- pool features and logits, Inception Score
+
+
+class InceptionFeaturesLogits:
+    """The pool features and the 1008 class logits of one forward pass of the FID Inception-v3.
+
+    Called, it gives the 2048-d pool features, identical to InceptionFeatures' and under the same
+    ``key`` (cached reference statistics stay valid); ``features_and_logits`` also gives the logits
+    that the Inception Score reads: torch-fidelity's 'logits_unbiased', the pool features times the
+    classifier's weights without its bias, which is what ADM's evaluator and the original TF
+    Inception Score code use.
+    """
+
+    def __init__(self, weights_path: str | None = None, device: str | torch.device = "cpu", *, download: bool = True):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        path = resolve_inception_weights(weights_path, download=download)
+        self.key = f"inception-v3-compat-{file_digest(path)}"
+        self.device = torch.device(device)
+        try:
+            model = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path
+            )
+        except Exception as err:  # unpickling and state-dict mismatches raise several types
+            raise UserFileError(
+                f"could not load Inception weights from {path} ({err}); the file must be torch-fidelity's "
+                f"{WEIGHTS_FILE} (download it from {WEIGHTS_URL})"
+            ) from err
+        self.model = model.to(self.device)
+
+    @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, H, W] (resized to 299 inside) -> (float32 [B, 2048], float32 [B, 1008])."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        features, logits = self.model(images.to(self.device))
+        return features, logits
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+
+def inception_score(scores, splits: int = 10, *, probabilities: bool = False) -> tuple[float, float]:
+    """Inception Score (mean, std over `splits`) of class logits [N, K] (or probabilities with probabilities=True).
+
+    IS = exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction of a split. Split i holds rows
+    i N / splits .. (i + 1) N / splits - 1 in the given order, which for N = 50,000 are ADM's
+    consecutive splits of 5,000 (torch-fidelity shuffles the rows first, with seed 2020). Float64;
+    the std is over splits (ddof 0), as torch-fidelity reports it; ADM prints the mean only.
+    """
+    p = torch.as_tensor(scores).to(torch.float64)
+    if p.dim() != 2 or p.shape[0] < splits or splits < 1:
+        raise ValueError(f"need [N, K] scores with N >= splits >= 1, got {tuple(p.shape)} and splits={splits}")
+    if not probabilities:
+        p = p.softmax(dim=1)
+    n = p.shape[0]
+    per_split = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        marginal = part.mean(dim=0, keepdim=True)
+        # xlogy: 0 log 0 = 0, for probabilities that are exactly 0
+        kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)).sum(dim=1).mean()
+        per_split.append(kl.exp())
+    values = torch.stack(per_split)
+    return float(values.mean()), float(values.std(correction=0))
