@@ -25,7 +25,3 @@ def free_port() -> int:
 def fixtures_dir() -> Path:
     """The folder of reference outputs of the authors' release (tests/fixtures/README.md)."""
     return FIXTURES
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than about 5 s on one core (deselect with -m 'not slow')")
