@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, help="learning rate (absolute, not scaled by batch size)")
     add("--optimizer_betas", type=float, nargs="+", help="beta1 beta2 of Adam")
     add("--warmup_epochs", type=int, help="epochs of linear lr warmup from 1e-8, then constant")
-    add("--dropout", type=float, help="dropout rate of the network")
+    add("--dropout", type=float, help="unet: dropout rate of the network")
     add("--ema_decay", type=float, help="EMA decay of net_ema")
     add("--ema_decays", type=float, nargs="+", help="decays of the extra EMA copies net_ema1, net_ema2, ...")
     add("--ema_period", type=int, help="EMA copies are updated every N steps with decay**N")
@@ -90,11 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--label_dropout", type=float, help="probability of training a sample with the null class (unconditional)")
 
     g = p.add_argument_group("network")
-    add("--arch", choices=list(NETWORKS), help="network architecture (models/networks.py): unet (SongUNet / DDPM++)")
-    add("--model_channels", type=int, help="channels of the first level")
-    add("--channel_mult", type=int, nargs="+", help="channel multiplier per resolution level")
-    add("--num_blocks", type=int, help="residual blocks per level")
-    add("--attn_resolutions", type=int, nargs="+", help="resolutions with self-attention")
+    add("--arch", choices=list(NETWORKS), help="network architecture (models/networks.py): unet (SongUNet / DDPM++), "
+        "dit (the MeanFlow authors' DiT), imf_dit (improved MeanFlow's DiT)")
+    add("--model_size", help="dit and imf_dit: the papers' B/4 (dit only), B/2, M/2, L/2, XL/2, or XS/2 for CPU "
+        "demonstrations")
+    add("--model_channels", type=int, help="unet: channels of the first level")
+    add("--channel_mult", type=int, nargs="+", help="unet: channel multiplier per resolution level")
+    add("--num_blocks", type=int, help="unet: residual blocks per level")
+    add("--attn_resolutions", type=int, nargs="+", help="unet: resolutions with self-attention")
     add("--use_edm_aug", action="store_true", help="EDM augmentation with its labels as network condition")
     add("--no_edm_aug", action="store_false", dest="use_edm_aug", help="turn off --use_edm_aug set by a preset")
 

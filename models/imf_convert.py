@@ -43,6 +43,12 @@ def from_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return _drop_unused_v_layer({_WRAPPERS.sub("", k[len("net."):]): v for k, v in state_dict.items()})
 
 
+def import_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One network's state dict, prefix stripped, in our layout: the wrapper levels of theirs removed and
+    their unused v_final_layer dropped; ours comes back unchanged."""
+    return _drop_unused_v_layer({_WRAPPERS.sub("", k): v for k, v in state_dict.items()})
+
+
 def _as_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return from_official(state_dict) if all(k.startswith("net.") for k in state_dict) else dict(state_dict)
 

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from models import dit_convert, imf_convert
+from models.dit import DIT_CONFIGS, DiT
+from models.imf_dit import IMF_CONFIGS, ImfDiT
 from models.unet import CIFAR10_CONFIG, SongUNet
 
 
@@ -33,7 +36,9 @@ class NetworkSpec:
     make_config(img_shape, num_classes, **options) -> the class's keyword arguments.
     check(img_shape, **options) -> None, or (option, why) for options that cannot build a network.
     infer_config(state_dict) -> keyword arguments that rebuild a network from its weights alone.
-    owns(state_dict) -> whether a state dict (one network's, no prefix) is of this architecture.
+    owns(state_dict) -> whether a state dict (one network's, no prefix) is of this architecture, in
+        our layout or in its authors'.
+    import_state(state_dict) -> the state dict in our layout (the authors' layout renamed; ours unchanged).
     augments: whether the network takes EDM's augmentation labels (aug_cond).
     """
     name: str
@@ -43,6 +48,7 @@ class NetworkSpec:
     check: Callable[..., tuple[str, str] | None]
     infer_config: Callable[[dict], dict]
     owns: Callable[[dict], bool]
+    import_state: Callable[[dict], dict] = dict
     augments: bool = False
 
     def build(self, config: dict) -> torch.nn.Module:
@@ -150,6 +156,42 @@ def infer_unet_config(net_state_dict: dict) -> dict:
     )
 
 
+# --------------------------------------------------------------------------- transformers
+
+# Sizes beside the papers' (the tables of models/dit.py and models/imf_dit.py): XS/2, a network small
+# enough to train on the 8x8 digits on one CPU core in minutes.
+DIT_SIZES = {**DIT_CONFIGS, "XS/2": dict(depth=4, hidden_size=96, num_heads=4, patch_size=2)}
+IMF_SIZES = {**IMF_CONFIGS, "XS/2": dict(depth=4, hidden_size=96, num_heads=4, patch_size=2, aux_head_depth=2)}
+_NET_SHAPE = ("img_resolution", "in_channels", "num_classes")
+
+
+def _sized_config(sizes: dict) -> Callable[..., dict]:
+    def make_config(img_shape: Sequence[int], num_classes: int = 0, *, model_size: str = "B/2") -> dict:
+        channels, resolution, _ = img_shape
+        size = {k: v for k, v in sizes[model_size].items() if k not in _NET_SHAPE}
+        return dict(size, img_resolution=resolution, in_channels=channels, num_classes=num_classes)
+    return make_config
+
+
+def _sized_check(sizes: dict) -> Callable[..., tuple[str, str] | None]:
+    def check(img_shape: Sequence[int], *, model_size: str, **_) -> tuple[str, str] | None:
+        if model_size not in sizes:
+            return "model_size", f"choose one of {', '.join(sizes)}"
+        if img_shape[1] % sizes[model_size]["patch_size"]:
+            return "model_size", f"its patch size does not divide the {img_shape[1]}px input"
+        return None
+    return check
+
+
+def owns_dit(state_dict: dict) -> bool:
+    return "x_embedder.proj.weight" in state_dict and any(k.startswith("blocks.0.adaLN") for k in state_dict)
+
+
+def owns_imf_dit(state_dict: dict) -> bool:
+    return any(k.startswith("shared_blocks.") for k in state_dict)
+
+
+# --------------------------------------------------------------------------- the table
 # --------------------------------------------------------------------------- the table
 
 NETWORKS = {
@@ -157,6 +199,13 @@ NETWORKS = {
         name="unet", cls=SongUNet,
         options=("model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout", "use_edm_aug"),
         make_config=unet_config, check=check_unet, infer_config=infer_unet_config, owns=owns_unet, augments=True),
+    "dit": NetworkSpec(
+        name="dit", cls=DiT, options=("model_size",), make_config=_sized_config(DIT_SIZES),
+        check=_sized_check(DIT_SIZES), infer_config=dit_convert.infer_config, owns=owns_dit),
+    "imf_dit": NetworkSpec(
+        name="imf_dit", cls=ImfDiT, options=("model_size",), make_config=_sized_config(IMF_SIZES),
+        check=_sized_check(IMF_SIZES), infer_config=imf_convert.infer_config, owns=owns_imf_dit,
+        import_state=imf_convert.import_state),
 }
 
 

@@ -119,8 +119,9 @@ def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None =
     """A network in eval mode from one network of a checkpoint: ours, or the authors' release's.
 
     path_or_ckpt: a path or an already loaded checkpoint dict. ema: "net", "net_ema", "net_ema1", ...
-    The architecture is the checkpoint's `network` entry, else recognised from the weights; the
-    config is ckpt["model_config"] if the file has one, else `model_config`, else inferred from the weights.
+    The architecture is the checkpoint's `network` entry, else recognised from the weights (the
+    authors' iMF checkpoints hold one network, "net"); the config is ckpt["model_config"] if the
+    file has one, else `model_config`, else inferred from the weights.
     """
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
     where = "the given checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
@@ -130,6 +131,7 @@ def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None =
         raise UserValueError(f"no network {ema!r} in {where}; available: {available_networks(ckpt)}")
     try:
         spec = network_spec(ckpt["network"]) if "network" in ckpt else spec_of_state_dict(state)
+        state = spec.import_state(state)
         config = ckpt.get("model_config") or model_config or spec.infer_config(state)
     except ValueError as e:
         raise UserFileError(f"{where}: {e}") from e

@@ -24,7 +24,7 @@ DEFAULTS = dict(
     norm_p=0.75, norm_eps=1e-3, arch="unet", use_edm_aug=False, test_run=False, compile=None,
     # Additions of this repository. The network defaults are the release's CIFAR-10 network.
     preset=None, max_steps=None, ckpt_every=1000, snapshot_every=0, check_every=1000,
-    model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16],
+    model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], model_size="B/2",
     ema_period=16, jvp_mode="joint", cpu_threads=0, precision="tf32",
     max_rollbacks=3, spike_factor=0.0, fault_nan_at=None,
     class_cond=False, cfg_omega=1.0, cfg_kappa=0.0, cfg_t_start=0.0, cfg_t_end=1.0, label_dropout=0.1,
@@ -120,6 +120,7 @@ class TrainConfig:
     class_dropout: float = 0.1            # the method's label dropout, not the network's
     # The network (models/networks.py reads the options of its architecture).
     arch: str = "unet"
+    model_size: str = "B/2"               # the transformers' named size (dit, imf_dit)
     model_channels: int = 128
     channel_mult: list[int] = field(default_factory=lambda: [2, 2, 2])
     num_blocks: int = 4
