@@ -5,8 +5,9 @@
 #   DEVICE=cpu bash gpu_check.sh "" OUT_DIR       # the parts a CPU can run (the test suite does this)
 #
 # Parts, each recorded as pass / fail / skip in OUT_DIR/gpu_check.json (default OUT_DIR: gpu_check_out):
-#   compile      a compiled `tiny` run under TORCH_LOGS=recompiles,graph_breaks: at most one graph
-#                break (at loss.backward) and no recompile (CUDA only)
+#   compile      compiled `tiny` runs under TORCH_LOGS=recompiles,graph_breaks, unconditional and guided
+#                (class labels, omega 1.5, kappa 0.5, the guidance forwards in eval mode): at most one
+#                graph break each (at loss.backward) and no recompile (CUDA only)
 #   sync         one training step, after warm-up, under torch.cuda.set_sync_debug_mode("warn"): no
 #                warning, i.e. nothing in the step waits for the GPU (CUDA only)
 #   nccl         torchrun --nproc_per_node 1: an NCCL process group, all-reduce and barrier (CUDA only)
@@ -38,16 +39,23 @@ record() {  # record PART STATUS DETAIL
 }
 tiny=(--preset tiny --device "$device")
 
-# compile: the training step's graph breaks and recompiles, counted from the compiler's log.
+# compile: the training step's graph breaks and recompiles, counted from the compiler's log, for the
+# unconditional step and for the guided one.
 if [[ $device == cuda ]]; then
-  TORCH_LOGS=recompiles,graph_breaks python train.py "${tiny[@]}" --compile --output_dir "$out/compile" \
-    >"$out/compile.log" 2>&1
-  code=$?
-  breaks=$(grep -c "Graph break" "$out/compile.log")
-  recompiles=$(grep -c "Recompiling" "$out/compile.log")
-  where=$(grep -m1 -A1 "Graph break" "$out/compile.log" | tr '\n\t' '  ' | cut -c1-200)
-  if ((code == 0 && breaks <= 1 && recompiles == 0)); then status=pass; else status=fail; fi
-  record compile $status "exit $code, $breaks graph breaks, $recompiles recompiles; $where"
+  status=pass detail=""
+  for kind in plain guided; do
+    flags=()
+    [[ $kind == guided ]] && flags=(--class_cond --cfg_omega 1.5 --cfg_kappa 0.5 --label_dropout 0.1 --dropout 0.1)
+    TORCH_LOGS=recompiles,graph_breaks python train.py "${tiny[@]}" "${flags[@]}" --compile \
+      --output_dir "$out/compile_$kind" >"$out/compile_$kind.log" 2>&1
+    code=$?
+    breaks=$(grep -c "Graph break" "$out/compile_$kind.log")
+    recompiles=$(grep -c "Recompiling" "$out/compile_$kind.log")
+    where=$(grep -m1 -A1 "Graph break" "$out/compile_$kind.log" | tr '\n\t' '  ' | cut -c1-160)
+    ((code == 0 && breaks <= 1 && recompiles == 0)) || status=fail
+    detail+="$kind: exit $code, $breaks graph breaks, $recompiles recompiles; $where. "
+  done
+  record compile $status "$detail"
 else
   record compile skip "CPU: inductor's CPU compilation of a cold cache takes minutes"
 fi

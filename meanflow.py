@@ -142,8 +142,11 @@ class MeanFlow:
         v_tilde = omega v + kappa u(z, t, t | c) + (1 - omega - kappa) u(z, t, t | null) in place
         of v (both u without gradient, the network in eval mode); omega = 1, kappa = 0 is no guidance.
     cfg_t_start, cfg_t_end: guidance applies where cfg_t_start <= t <= cfg_t_end (else omega = 1, kappa = 0).
-    label_dropout: probability that a sample's label is replaced by the null class; such samples,
-        like any given with the null label, train the unconditional velocity (target v).
+    label_dropout: the fraction of samples whose label is replaced by the null class; such samples,
+        like any given with the null label, train the unconditional velocity (target v). As in the
+        authors' code, only rows with r = t are dropped (each with probability label_dropout /
+        P(r = t), ``p_tied``): the null class trains u(z, t, t | null), the velocity guidance uses.
+        A label_dropout above P(r = t) is refused.
     """
 
     def __init__(
@@ -193,6 +196,10 @@ class MeanFlow:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 0 (0: unconditional)")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout={label_dropout} is a probability: use a value in [0, 1)")
+        if label_dropout > _p_tied(tr_sampler, P_mean_t, P_std_t, P_mean_r, P_std_r, ratio):
+            raise ValueError(f"label_dropout={label_dropout} is above P(r = t) = "
+                             f"{_p_tied(tr_sampler, P_mean_t, P_std_t, P_mean_r, P_std_r, ratio):.4g} of this (t, r) "
+                             f"sampler, and labels are dropped only where r = t: lower label_dropout or ratio")
         if cfg_omega + cfg_kappa != 1.0 and label_dropout == 0.0:
             raise ValueError(f"guidance with cfg_omega={cfg_omega}, cfg_kappa={cfg_kappa} uses the unconditional "
                              f"velocity, which only label_dropout > 0 trains: set label_dropout (e.g. 0.1)")
@@ -238,18 +245,25 @@ class MeanFlow:
             r = torch.minimum(t, torch.where(tie, t, r))
         return t, r
 
+    @property
+    def p_tied(self) -> float:
+        """P(r = t) of the (t, r) sampler."""
+        return _p_tied(self.tr_sampler, self.P_mean_t, self.P_std_t, self.P_mean_r, self.P_std_r, self.ratio)
+
     def sample_drop(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """[batch_size] bool, each True with probability label_dropout: the labels to replace by the null class.
+        """[batch_size] bool, each True with probability label_dropout / P(r = t): the candidates whose label
+        the loss replaces by the null class, which it does for the rows with r = t among them, so that
+        a fraction label_dropout of all rows is dropped.
 
-        One uniform per sample (a Bernoulli per sample, where the JAX release drops a Binomial
-        number of leading rows): the same rows whatever the number of processes sharing a batch.
+        The JAX code ties a prefix of each batch (r = t) and drops a Binomial number of its leading
+        rows; one uniform per sample instead gives the same rows whatever the number of processes
+        sharing a batch.
         """
-        return torch.rand(batch_size, device=device, dtype=torch.float32, generator=generator) < self.label_dropout
+        p = self.label_dropout / self.p_tied if self.label_dropout else 0.0
+        return torch.rand(batch_size, device=device, dtype=torch.float32, generator=generator) < p
 
-    # Eager also under torch.compile: it flips the network's train/eval mode, on which compiled graphs specialise.
-    @torch.compiler.disable
     def guided_velocity(self, net, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
                         labels: torch.Tensor, aug_cond: torch.Tensor | None = None) -> torch.Tensor:
         """v_tilde = omega v + kappa u(z, t, 0 | c) + (1 - omega - kappa) u(z, t, 0 | null), [B, ...].
@@ -260,8 +274,9 @@ class MeanFlow:
         Rows whose label is null are returned as they are computed here; ``loss`` uses v for them.
         """
         inside = _broadcast((t >= self.cfg_t_start) & (t <= self.cfg_t_end), v)
-        omega = torch.where(inside, v.new_tensor(self.cfg_omega), 1.0)
-        kappa = torch.where(inside, v.new_tensor(self.cfg_kappa), 0.0)
+        # new_full fills on the device; new_tensor would copy from the host and make it wait (a sync).
+        omega = torch.where(inside, v.new_full((), self.cfg_omega), 1.0)
+        kappa = torch.where(inside, v.new_full((), self.cfg_kappa), 0.0)
         v_tilde = omega * v
         h = torch.zeros_like(t)
         was_training = isinstance(net, torch.nn.Module) and net.training
@@ -299,10 +314,10 @@ class MeanFlow:
         ([B], t >= r, given together) are used as they are when given; otherwise noise and then
         (t, r) are drawn from ``generator`` (dropout inside ``net`` uses the global RNG).
         labels: class indices [B] in 0..num_classes (num_classes: the null class), or None for an
-        unconditional network. drop ([B] bool): the labels replaced by the null class; when None
-        and label_dropout > 0 it is drawn from ``generator`` after the noise and (t, r)
-        (``sample_drop``). Null-labelled samples train towards v, the others towards the guided
-        velocity (``guided_velocity``).
+        unconditional network. drop ([B] bool): the candidates for the null class, of which the
+        rows with r = t get it; when None and label_dropout > 0 it is drawn from ``generator``
+        after the noise and (t, r) (``sample_drop``). Null-labelled samples train towards v, the
+        others towards the guided velocity (``guided_velocity``).
         Computed in float32 (float64 if x is float64) with an outer autocast disabled: the
         target subtracts (t - r) du/dt from v, which half precision would swamp. Only the
         network's own arithmetic runs in low precision, and only when ``autocast`` is set.
@@ -326,7 +341,7 @@ class MeanFlow:
         r = r.to(device=x.device, dtype=dtype)
         noise = noise.to(dtype)
         if labels is not None:
-            labels = self._dropped_labels(labels, drop, batch, generator)
+            labels = self._dropped_labels(labels, drop, t == r, generator)
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = (1 - _broadcast(t, x)) * x + _broadcast(t, x) * noise
@@ -345,9 +360,10 @@ class MeanFlow:
             err = (u - u_tgt).square().reshape(batch, -1).sum(dim=1)
             return adaptive_weighted(err, self.norm_p, self.norm_eps).mean()
 
-    def _dropped_labels(self, labels: torch.Tensor, drop: torch.Tensor | None, batch: int,
+    def _dropped_labels(self, labels: torch.Tensor, drop: torch.Tensor | None, tied: torch.Tensor,
                         generator: torch.Generator | None) -> torch.Tensor:
-        """labels [B] with the rows of `drop` (drawn when None) set to the null class, num_classes."""
+        """labels [B] with the tied rows (r = t) of `drop` (drawn when None) set to the null class, num_classes."""
+        batch = tied.shape[0]
         if self.num_classes == 0:
             raise ValueError("labels given to an unconditional MeanFlow (num_classes=0): pass num_classes")
         if labels.is_floating_point() or labels.dtype == torch.bool or tuple(labels.shape) != (batch,):
@@ -359,7 +375,18 @@ class MeanFlow:
             drop = self.sample_drop(batch, device=labels.device, generator=generator)
         elif tuple(drop.shape) != (batch,):
             raise ValueError(f"drop must have shape [{batch}], got {tuple(drop.shape)}")
-        return torch.where(drop.to(labels.device, torch.bool), self.num_classes, labels)
+        return torch.where(drop.to(labels.device, torch.bool) & tied.to(labels.device), self.num_classes, labels)
+
+
+def _p_tied(tr_sampler: str, P_mean_t: float, P_std_t: float, P_mean_r: float, P_std_r: float,
+            ratio: float) -> float:
+    """P(r = t) of a (t, r) sampler: the tied draws, 1 - ratio; for "v1" also the draws with r >= t, which
+    the clip r = min(t, r) ties (the logit-normals compare as their normals)."""
+    if tr_sampler == "v0":
+        return 1.0 - ratio
+    spread = math.hypot(P_std_t, P_std_r)
+    r_above_t = 0.5 * math.erfc((P_mean_t - P_mean_r) / (spread * math.sqrt(2))) if spread else float(P_mean_r >= P_mean_t)
+    return (1.0 - ratio) + ratio * r_above_t
 
 
 def _check_given_times(t: torch.Tensor, r: torch.Tensor, batch: int) -> None:

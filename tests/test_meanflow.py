@@ -477,13 +477,15 @@ def test_guided_target_is_the_formula(jvp_mode, omega, kappa):
     net = _analytic_net(A)
     x, e = torch.randn(8, 4, generator=g, dtype=d), torch.randn(8, 4, generator=g, dtype=d)
     t = torch.tensor([0.9, 0.8, 0.5, 0.3, 0.2, 0.6, 0.95, 0.4], dtype=d)
-    r = torch.tensor([0.1, 0.8, 0.1, 0.0, 0.2, 0.3, 0.5, 0.1], dtype=d)
+    r = torch.tensor([0.1, 0.8, 0.1, 0.0, 0.2, 0.3, 0.5, 0.4], dtype=d)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     c = one_hot_or_null(labels, 3, d)
-    drop = torch.tensor([False, False, True, False, False, True, False, False])
+    # Candidates for the null label: rows 1 and 7 have r = t and get it; rows 2 and 5 do not.
+    candidates = torch.tensor([False, True, True, False, False, True, False, True])
+    drop = candidates & (t == r)
     mf = MeanFlow(jvp_mode=jvp_mode, num_classes=3, cfg_omega=omega, cfg_kappa=kappa, cfg_t_start=0.25,
                   cfg_t_end=0.85, label_dropout=0.1, norm_p=0.75, norm_eps=1e-3)
-    loss = mf.loss(net, x, labels=labels, noise=e, t=t, r=r, drop=drop)
+    loss = mf.loss(net, x, labels=labels, noise=e, t=t, r=r, drop=candidates)
 
     tb, hb = t[:, None], (t - r)[:, None]
     z, v = (1 - tb) * x + tb * e, e - x
@@ -498,6 +500,36 @@ def test_guided_target_is_the_formula(jvp_mode, omega, kappa):
     err = (u - (v_tilde - hb * dudt)).square().sum(dim=1)
     expected = (err / (err + 1e-3) ** 0.75).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_guided_loss_compiles_as_one_graph_and_equals_eager():
+    """The guidance forwards switch the network to eval mode inside the compiled step without a graph break
+    (fullgraph), give the eager loss and gradients with dropout on, and a second step does not recompile."""
+    torch.manual_seed(0)
+    net = ToyCondMLP(num_classes=3, dropout=0.3).train()
+    mf = MeanFlow(num_classes=3, cfg_omega=1.5, cfg_kappa=0.3, cfg_t_start=0.2, label_dropout=0.1)
+    x, labels = torch.randn(16, 2), torch.arange(16) % 3
+
+    def loss_and_grads(fn, seed):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        loss = fn(x, labels)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    def loss_fn(x_, labels_):
+        return mf.loss(net, x_, labels=labels_, generator=None)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        eager_loss, eager_grads = loss_and_grads(loss_fn, seed)
+        compiled_loss, compiled_grads = loss_and_grads(compiled, seed)
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
+        for got, want in zip(compiled_grads, eager_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert net.training and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_guidance_forwards_run_in_eval_mode_without_gradient():
@@ -515,31 +547,53 @@ def test_guidance_forwards_run_in_eval_mode_without_gradient():
     torch.testing.assert_close(v_tilde, expected, rtol=1e-12, atol=0)
 
 
-def test_label_dropout_rate_draw_order_and_null_class():
+@pytest.mark.parametrize("tr_sampler", ["v0", "v1"])
+def test_dropped_labels_fall_on_r_equal_t_rows_at_the_label_dropout_rate(tr_sampler):
+    """The authors' coupling: the null class trains only u(z, t, t | null), the velocity guidance uses, and
+    a fraction label_dropout of all rows gets it (a tied row with probability label_dropout / P(r = t))."""
+    mf = MeanFlow(tr_sampler=tr_sampler, num_classes=3, label_dropout=0.1)
+    n = 400_000
+    t, r = mf.sample_t_r(n, generator=torch.Generator().manual_seed(0))
+    assert abs((t == r).double().mean().item() - mf.p_tied) < 4 * (mf.p_tied * (1 - mf.p_tied) / n) ** 0.5
+    candidates = mf.sample_drop(n, generator=torch.Generator().manual_seed(1))
+    labels = mf._dropped_labels(torch.zeros(n, dtype=torch.long), candidates, t == r, None)
+    dropped = labels == 3
+    assert dropped.dtype == torch.bool and (t[dropped] == r[dropped]).all()
+    assert abs(dropped.double().mean().item() - 0.1) < 4 * (0.1 * 0.9 / n) ** 0.5
+    assert mf.p_tied == pytest.approx(0.25 if tr_sampler == "v0" else 0.2999, abs=1e-4)
+
+
+def test_label_dropout_above_the_tied_fraction_is_refused():
+    with pytest.raises(ValueError, match=r"label_dropout=0.3 is above P\(r = t\) = 0.25 .* lower label_dropout or ratio"):
+        MeanFlow(tr_sampler="v0", ratio=0.75, num_classes=3, label_dropout=0.3)
+    MeanFlow(tr_sampler="v0", ratio=0.75, num_classes=3, label_dropout=0.25)
+
+
+def test_label_dropout_draw_order_and_null_class():
     mf = MeanFlow(label_dropout=0.1)
     drop = mf.sample_drop(200_000, generator=torch.Generator().manual_seed(0))
-    assert drop.dtype == torch.bool and abs(drop.double().mean().item() - 0.1) < 0.003
+    assert drop.dtype == torch.bool and abs(drop.double().mean().item() - 0.1 / mf.p_tied) < 0.004
 
     # Drawn from the generator after the noise and (t, r).
     torch.manual_seed(0)
     net = ToyCondMLP(num_classes=3).double()
     x = torch.randn(64, 2, dtype=torch.float64)
     c = torch.arange(64) % 3
-    guided = MeanFlow(num_classes=3, cfg_omega=2.0, label_dropout=0.3)
+    guided = MeanFlow(num_classes=3, cfg_omega=2.0, label_dropout=0.25)
     drawn = guided.loss(net, x, labels=c, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
     t, r = guided.sample_t_r(64, generator=g)
     drop = guided.sample_drop(64, generator=g)
-    assert 5 < drop.sum() < 35
+    assert 5 < (drop & (t == r)).sum() < 35
     given = dict(noise=noise, t=t, r=r)
     torch.testing.assert_close(drawn, guided.loss(net, x, labels=c, drop=drop, **given), rtol=0, atol=0)
     # A dropped sample is a sample given the null label; both train the unconditional velocity (target v).
-    nulled = torch.where(drop, 3, c)
+    nulled = torch.where(drop & (t == r), 3, c)
     torch.testing.assert_close(drawn, guided.loss(net, x, labels=nulled, drop=torch.zeros_like(drop), **given),
                                rtol=0, atol=0)
     all_null = torch.full_like(c, 3)
-    plain = MeanFlow(num_classes=3, label_dropout=0.3).loss(net, x, labels=all_null, drop=torch.zeros_like(drop),
+    plain = MeanFlow(num_classes=3, label_dropout=0.25).loss(net, x, labels=all_null, drop=torch.zeros_like(drop),
                                                             **given)
     torch.testing.assert_close(guided.loss(net, x, labels=all_null, **given, drop=drop), plain, rtol=0, atol=0)
 
