@@ -251,6 +251,28 @@ def _random_inception_file(path, monkeypatch) -> None:
     torch.save(state, path)
 
 
+def _two_node_worker(rank: int, port: int, root: str) -> None:
+    """Rank r is the only process of node r, with a torch.hub cache of its own and no Inception weights."""
+    os.environ["TORCH_HOME"] = os.path.join(root, f"node{rank}")
+    os.environ.pop(inception.WEIGHTS_ENV, None)
+    inception._download = lambda url, dst: Path(dst).write_bytes(f"fetched on node {rank}".encode())
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        env = DistEnv(rank=rank, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
+        path = fid.inception_weights(env=env)
+        Path(root, f"rank{rank}.txt").write_text(path + "\n" + Path(path).read_text())
+    finally:
+        cleanup()
+
+
+def test_each_node_fetches_the_inception_weights_into_its_own_cache(tmp_path):
+    """Several nodes without a shared cache: the first process of every node downloads, not only rank 0."""
+    mp.spawn(_two_node_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        path, content = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert path.startswith(str(tmp_path / f"node{rank}")) and content == f"fetched on node {rank}"
+
+
 def test_inception_loads_weights_file_and_gives_2048_features(tmp_path, monkeypatch):
     path = tmp_path / inception.WEIGHTS_FILE
     _random_inception_file(path, monkeypatch)

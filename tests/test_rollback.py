@@ -16,7 +16,7 @@ import torch
 
 from conftest import free_port
 import train
-from training.build import build_trainer
+from training.build import build_trainer, initial_model_state
 from training.resume import LAST
 from training.rollback import SPIKE_MIN_HISTORY, RollbackGuard
 from training.step import draw_batch, train_step
@@ -164,9 +164,10 @@ def test_spike_guard_flags_a_gradient_norm_far_above_its_median():
     cfg = train.resolve_config([*TINY, "--output_dir", ""])
     trainer = build_trainer(cfg, init_distributed("cpu"))
     zero = torch.zeros(())
-    off = RollbackGuard(trainer=trainer, out=None, log=lambda msg: None)
+    start = dict(restore_point=(0, None), initial_state=dict, out=None, log=lambda msg: None)
+    off = RollbackGuard(trainer=trainer, **start)
     assert off.check(zero, torch.tensor(1e6)) == (0.0, None)
-    guard = RollbackGuard(trainer=trainer, out=None, log=lambda msg: None, spike_factor=10)
+    guard = RollbackGuard(trainer=trainer, **start, spike_factor=10)
     for _ in range(SPIKE_MIN_HISTORY):
         for norm in (1.0, 3.0):  # the largest norm since the last check counts
             guard.record(torch.tensor(norm))
@@ -179,6 +180,60 @@ def test_spike_guard_flags_a_gradient_norm_far_above_its_median():
     assert "gradient norm 31 exceeded --spike_factor 10 x the median 3" in why
     guard.record(torch.tensor(math.inf))
     assert guard.check(zero, torch.tensor(math.inf))[1] == "gradient norm became non-finite (inf)"
+
+
+def test_a_numbered_snapshot_alone_is_rolled_back_to(tmp_path):
+    """--ckpt_every 0 --snapshot_every 4: the fault at step 6 restores checkpoint-4.pth, the state on disk."""
+    out = tmp_path / "snapshot"
+    assert train.main([*TINY, "--ckpt_every", "0", "--snapshot_every", "4", "--log_per_step", "1",
+                       "--fault_nan_at", "6", "--output_dir", str(out)]) == 0
+    log = (out / "log.txt").read_text()
+    assert "rollback 1: loss became non-finite (nan) between steps 5 and 6; restored checkpoint-4.pth at step 4" \
+        in log and "done: 8 steps" in log
+    assert torch.load(out / LAST, weights_only=True)["rollback"]["attempt"] == 1
+
+
+def test_the_newest_checkpoint_is_restored_and_named(tmp_path):
+    """--ckpt_every 4 --snapshot_every 6: the fault at step 7 restores checkpoint-6.pth (step 6), not
+    checkpoint-last.pth (step 4), and says so."""
+    out = tmp_path / "newest"
+    assert train.main([*TINY, "--ckpt_every", "4", "--snapshot_every", "6", "--log_per_step", "1",
+                       "--fault_nan_at", "7", "--output_dir", str(out)]) == 0
+    assert "between steps 6 and 7; restored checkpoint-6.pth at step 6 (1/3 to it)" in (out / "log.txt").read_text()
+
+
+def test_a_fault_before_the_first_checkpoint_restores_the_initial_state(tmp_path):
+    """The state at step 0 is a pure function of the seed: no file is needed to go back to it."""
+    runs = [tmp_path / "early_a", tmp_path / "early_b"]
+    for out in runs:
+        assert train.main([*TINY, "--ckpt_every", "0", "--log_per_step", "1", "--fault_nan_at", "3",
+                           "--output_dir", str(out)]) == 0
+    log = (runs[0] / "log.txt").read_text()
+    assert ("rollback 1: loss became non-finite (nan) between steps 2 and 3; restored the initial state (drawn "
+            "from --seed) at step 0 (1/3 to it); steps after 0 now draw with attempt 1") in log
+    assert "done: 8 steps" in log
+    first, second = _tensors(runs[0] / LAST), _tensors(runs[1] / LAST)
+    assert _finite(first) and _identical(first, second)
+    # The restored state is the one a fresh run starts from: step 0's weights, no Adam moments, no EMA updates.
+    cfg = train.resolve_config([*TINY, "--output_dir", ""])
+    trainer = build_trainer(cfg, init_distributed("cpu"))
+    fresh = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    train_step(trainer, 0)
+    trainer.model.load_state_dict(initial_model_state(trainer, cfg.seed))
+    assert all(torch.equal(v, fresh[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_rerun_after_the_rollbacks_ran_out_draws_anew(tmp_path):
+    """The error line says what a rerun does, and rollback.json makes it draw with the next attempt."""
+    done = _command(FAULT_9_TEN_TIMES, tmp_path)
+    assert done.returncode == 1
+    assert "Running the same command again continues from its last checkpoint with fresh draws (attempt 4)" \
+        in done.stderr
+    out = tmp_path / "output" / "tiny"
+    again = _command(FAULT_9[:-2], tmp_path)  # the same run, its fault gone
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "its steps now draw with attempt 4" in (out / "log.txt").read_text()
+    assert torch.load(out / LAST, weights_only=True)["rollback"]["attempt"] == 4
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -330,6 +330,81 @@ def test_stop_timer_exits_only_when_no_step_boundary_is_reached(reaches_poll):
         assert len(lines) == 1 and lines[0].startswith("error: no step boundary reached 1 s after SIGTERM")
 
 
+BLOCKED_RANK = """
+import os, sys, time, torch, torch.distributed as dist
+from training.stop import StopRequest
+from utils.distributed import init_distributed
+env = init_distributed("cpu")
+stop = StopRequest(env, grace_s=2.0)
+if env.rank == 0:
+    print("blocking", flush=True)
+    dist.all_reduce(torch.ones(1))  # rank 1 never joins: this waits in C code
+    print("collective returned", flush=True)
+else:
+    time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_stop_timer_fires_while_the_rank_is_blocked_in_a_collective(tmp_path):
+    """A SIGTERM to a rank waiting in a gloo all-reduce for a peer that never comes: the process exits on
+    its own grace_s after the signal, not when the collective gives up (here: when the peer exits)."""
+    port, peer_lifetime = free_port(), 45.0
+    def start(rank: int) -> subprocess.Popen:
+        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank))
+        return subprocess.Popen([sys.executable, "-c", BLOCKED_RANK, str(peer_lifetime)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    blocked, peer = start(0), start(1)
+    try:
+        assert blocked.stdout.readline().strip() == "blocking"
+        time.sleep(1.0)  # inside the all-reduce by now
+        tic = time.monotonic()
+        blocked.send_signal(signal.SIGTERM)
+        out, err = blocked.communicate(timeout=60)
+        elapsed = time.monotonic() - tic
+    finally:
+        peer.kill()
+        peer.wait()
+    assert blocked.returncode == 128 + signal.SIGTERM and "collective returned" not in out
+    assert 2.0 <= elapsed < 15.0, elapsed
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no step boundary reached 2 s after SIGTERM"), err
+
+
+def _failing_write_worker(rank: int, port: int, out: str) -> None:
+    """train.main on rank `rank` of 2; rank 0's second checkpoint write fails as a full disk would."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    writes = []
+
+    def full_disk(state, path):
+        writes.append(path)
+        if len(writes) >= 2:
+            raise OSError(28, "No space left on device")
+        torch.save(state, path)
+
+    ckpt_io.save_checkpoint = full_disk
+    try:
+        train.main([*TINY, "--batch_size", "4", "--output_dir", out, "--max_steps", "8", "--ckpt_every", "2"])
+        outcome = "finished"
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+        outcome = f"{type(e).__name__}: {e}"
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+
+
+def test_a_failed_checkpoint_write_stops_every_rank(tmp_path):
+    context = torch.multiprocessing.spawn(_failing_write_worker, args=(free_port(), str(tmp_path)), nprocs=2,
+                                          join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        assert time.monotonic() < deadline, "a rank is still waiting after rank 0's write failed"
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert outcomes[0] == "OSError: [Errno 28] No space left on device", outcomes  # a user error: one line
+    assert outcomes[1].startswith("UserFileError: rank 0 could not write a checkpoint, so every process stops")
+    assert "No space left on device" in outcomes[1]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -535,7 +610,16 @@ def test_class_conditional_run_resumes_exactly_and_is_world_size_invariant(tmp_p
     assert _max_diff(_state(straight), _state(two)) <= 1e-6
 
 
+@pytest.mark.parametrize("flag, value", [("--cfg_omega", "2.0"), ("--cfg_omega", "1.0"), ("--cfg_kappa", "0.0"),
+                                         ("--cfg_t_start", "0.2"), ("--cfg_t_end", "1.0"), ("--label_dropout", "0.1")])
+def test_every_guidance_flag_given_without_class_cond_is_refused(flag, value, capsys):
+    """What was given counts, not its value: label_dropout's default is 0.1, omega's 1.0."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--output_dir", "", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {flag} {float(value)!r}: guidance needs --class_cond") and "--help" in err[0]
+
+
 def test_guidance_flags_need_class_cond():
-    with pytest.raises(ValueError, match="--cfg_omega 2.0: guidance needs --class_cond"):
-        train.resolve_config(["--preset", "tiny", "--cfg_omega", "2.0"])
     assert build_method(train.resolve_config(["--preset", "digits-cond"])).guided

@@ -144,3 +144,15 @@ def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None =
     except RuntimeError as e:
         raise UserFileError(f"weights of {ema!r} in {where} do not fit {spec.cls.__name__}({config}): {e}") from e
     return net.to(device).eval()
+
+
+def initial_model_state(trainer: Trainer, seed: int) -> dict:
+    """The state dict of trainer.model at step 0: the weights build_trainer draws from `seed`, in the
+    network and every EMA copy, and no EMA update counted. A rollback before any checkpoint restores it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(data_utils.fold_seed(seed, "init"))
+        net = network_spec(trainer.network).build(trainer.model_config)
+    weights = {k: v.to(trainer.device) for k, v in net.state_dict().items()}
+    state = {f"{name}.{k}": v for name in trainer.model.networks() for k, v in weights.items()}
+    state["num_updates"] = torch.zeros((), dtype=torch.int64, device=trainer.device)
+    return state

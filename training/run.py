@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from training.build import build_trainer
+from training.build import build_trainer, initial_model_state
 from training.config import TrainConfig
 from training.evaluation import Evaluator
 from training.log import Log, memory_gib
 from training.precision import apply_precision
 from training.resume import LAST, checkpoint_state, find_start, load_state
-from training.rollback import RollbackGuard, with_faults
+from training.rollback import RollbackGuard, attempt_for_rerun, with_faults
 from training.step import check_weights, lr_at, train_step
 from training.stop import StopRequest
 from utils import checkpoint as ckpt_io
@@ -62,6 +63,11 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
         log(f"resumed from {source} at step {step}")
         if cfg.resume and source != cfg.resume:
             log(f"note: --resume {cfg.resume} not used: {source} continues this run")
+    rerun_attempt = attempt_for_rerun(out, step)
+    if rerun_attempt is not None and rerun_attempt > trainer.attempt:
+        trainer.attempt = rerun_attempt
+        log(f"note: the rollbacks of an earlier run of this command ran out after step {step}: its steps now draw "
+            f"with attempt {rerun_attempt}")
     # Every rank reads its own copy of the checkpoint: they must all have found the same one.
     check_consistency([("starting step (is OUTPUT_DIR on a shared filesystem?)", torch.tensor(step))],
                       "resume point", step)
@@ -97,22 +103,44 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
 
     # ------------------------------------------------------------------ the loop
     save = not cfg.test_run and out is not None
-    saved_step = step if out is not None and (out / LAST).exists() else None  # of the checkpoint-last.pth on disk
+    last_saved = step if out is not None and (out / LAST).exists() else None  # the step of checkpoint-last.pth
+    restore_point = (step, Path(source) if source else None)  # the state a rollback returns to, until a save
     loss_sum = torch.zeros((), device=trainer.device)  # losses since the last log, read only when logging
     window, window_start, window_tic = 0, step, time.perf_counter()
     stop = StopRequest(env)
     saver = ckpt_io.BackgroundSaver()
-    guard = RollbackGuard(trainer=trainer, out=out if save else None, log=log, writer=writer,
-                          max_rollbacks=cfg.max_rollbacks, spike_factor=cfg.spike_factor, saver=saver,
-                          state=rollback_state)
+    guard = RollbackGuard(trainer=trainer, restore_point=restore_point,
+                          initial_state=lambda: initial_model_state(trainer, cfg.seed), out=out if save else None,
+                          log=log, writer=writer, max_rollbacks=cfg.max_rollbacks, spike_factor=cfg.spike_factor,
+                          saver=saver, state=rollback_state)
     step_fn = with_faults(train_step, cfg.fault_nan_at, step) if cfg.fault_nan_at else train_step
+
+    def settle_writes() -> None:
+        """Every rank: stop with the error of rank 0's last background write, if it failed (rank 0 alone
+        writes; the others would otherwise wait for it in their next collective until the launcher's timeout)."""
+        error, message = None, ""
+        if main_rank:
+            try:
+                saver.wait()
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                error, message = e, " ".join(str(e).split())
+        if env.world_size > 1:
+            shared = [message]
+            dist.broadcast_object_list(shared, src=0)
+            message = shared[0]
+        if error is not None:
+            raise error
+        if message:
+            raise UserFileError(f"rank 0 could not write a checkpoint, so every process stops: {message}")
 
     def save_checkpoints(names: list[str]) -> None:
         """The checkpoint of `step` under each name (rank 0, in the background), once all ranks hold the same weights."""
+        settle_writes()
         check_weights(trainer.model, step)
         if main_rank:
             state = checkpoint_state(trainer, step, config=cfg.flags(), rollback=guard.state())
             saver.save(state, [out / name for name in names])
+        guard.saved(step, out / names[0])
         log(f"saved {', '.join(names)} at step {step}")
 
     bar = tqdm(total=total_steps, initial=step, disable=None if main_rank else True, dynamic_ncols=True,
@@ -147,7 +175,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
             if logging_now or (names and save):
                 loss_total, why = guard.check(loss_sum, grad_norm if logging_now else None)
                 if why is not None:
-                    step = guard.roll_back(why, first=window_start, last=step, saved_step=saved_step)
+                    step = guard.roll_back(why, first=window_start, last=step)
                     loss_sum.zero_()
                     window, window_start, window_tic = 0, step, time.perf_counter()
                     bar.n = step
@@ -173,7 +201,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
             tic = time.perf_counter()
             if names and save:
                 save_checkpoints(names)
-                saved_step = step
+                last_saved = step if LAST in names else last_saved
             if evaluating:
                 evaluate(step)
             window_tic += time.perf_counter() - tic  # s/it counts training only
@@ -182,11 +210,12 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
         # Stopped by a signal or done: checkpoint-last.pth holds this step; the end of training is evaluated.
         # The last step is a log step: only a stop leaves steps unchecked here.
         stopped = step < total_steps
-        if save and (stopped or saved_step != step):
+        if save and (stopped or last_saved != step):
             why = guard.check(loss_sum, None)[1]
             if why is not None:  # saved again below: with the new attempt, the rerun draws anew
-                step = guard.roll_back(why, first=window_start, last=step, saved_step=saved_step)
+                step = guard.roll_back(why, first=window_start, last=step)
             save_checkpoints([LAST])
+        settle_writes()
         if stopped:
             log(f"stopped by {signal.Signals(stop.signum).name} at step {step}"
                 + (f"; {LAST} saved: run the same command to continue" if save else ""))

@@ -24,19 +24,36 @@ STOP_GRACE_S = 60.0
 class StopRequest:
     """SIGTERM / SIGINT ask the loop to save and stop at the next poll (requested(step)).
 
-    The handler only sets a flag and starts a timer: if no poll sees the request within
-    ``grace_s`` seconds, the process prints an `error:` line and exits at once (os._exit). With
-    several processes the flag is combined over ranks through a gloo group on CPU tensors every
-    STOP_POLL_EVERY steps: no device sync, and every rank stops at the same step even if only some
-    received the signal. A second Ctrl-C aborts at once.
+    A signal sets a flag and starts a timer: if no poll sees the request within ``grace_s`` seconds,
+    the process prints an `error:` line and exits at once (os._exit). The timer is started by a
+    watcher thread woken through ``signal.set_wakeup_fd``, not by the Python handler: the handler
+    runs only when the main thread returns from C code, which a rank blocked in a collective (its
+    peer died) does only when the collective times out, 30 minutes later. With several processes the
+    flag is combined over ranks through a gloo group on CPU tensors every STOP_POLL_EVERY steps: no
+    device sync, and every rank stops at the same step even if only some received the signal. A
+    second Ctrl-C aborts at once (once the main thread runs Python again).
     """
 
     def __init__(self, env: DistEnv, *, grace_s: float = STOP_GRACE_S):
         self.signum = None
         self.grace_s = grace_s
         self.timer = None
+        self.settled = False  # a step boundary was reached, or the loop is over: no timer any more
+        self.lock = threading.Lock()
         self.group = dist.new_group(backend="gloo") if env.world_size > 1 else None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        # The C-level handler writes each signal's number to this pipe at once, whatever the main thread does.
+        read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.previous_wakeup_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.watcher = threading.Thread(target=self._watch, args=(read_fd,), name="stop-watcher", daemon=True)
+        self.watcher.start()
+
+    def _watch(self, read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while byte := pipe.read(1):  # empty once restore() closes the write end
+                if byte[0] in (signal.SIGTERM, signal.SIGINT):
+                    self._start_timer(byte[0])
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -44,9 +61,14 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        self.timer = threading.Timer(self.grace_s, self._give_up, args=(signum,))
-        self.timer.daemon = True
-        self.timer.start()
+        self._start_timer(signum)
+
+    def _start_timer(self, signum: int) -> None:
+        with self.lock:
+            if self.timer is None and not self.settled:
+                self.timer = threading.Timer(self.grace_s, self._give_up, args=(signum,))
+                self.timer.daemon = True
+                self.timer.start()
 
     def _give_up(self, signum) -> None:
         print(f"error: no step boundary reached {self.grace_s:g} s after {signal.Signals(signum).name} (another "
@@ -67,15 +89,19 @@ class StopRequest:
             if signum and self.signum is None:  # asked on another rank
                 self.signum = signum
         if signum:
-            self._cancel_timer()  # this step boundary is reached: the loop saves and returns
+            self._settle()  # this step boundary is reached: the loop saves and returns
         return signum != 0
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+    def _settle(self) -> None:
+        with self.lock:
+            self.settled = True
+            if self.timer is not None:
+                self.timer.cancel()
 
     def restore(self) -> None:
-        """Put back the previous handlers; a pending timer is cancelled, the loop being over."""
-        self._cancel_timer()
+        """Put back the previous handlers and wakeup fd; a pending timer is cancelled, the loop being over."""
+        self._settle()
+        signal.set_wakeup_fd(self.previous_wakeup_fd)
+        os.close(self.write_fd)
         for s, handler in self.previous.items():
             signal.signal(s, handler)

@@ -159,16 +159,17 @@ def on_every_rank(fn, env=None):
 
 
 def inception_weights(weights_path: str | None = None, *, env=None, download: bool = True) -> str:
-    """Path of the Inception weights file, the same on every rank of ``env``.
+    """Path of this rank's copy of the Inception weights file.
 
-    Rank 0 resolves it first (utils.inception.resolve_inception_weights, downloading when it is
-    missing and ``download``), then the others find the file it fetched: one download, not one
-    per process. A failure on any rank raises on every rank.
+    The first process of each node (local rank 0) resolves it first (utils.inception.
+    resolve_inception_weights, downloading into the node's torch.hub cache when it is missing and
+    ``download``), then the node's other processes find the file it fetched: one download per node,
+    so nodes need not share a cache (a path every node sees, --inception_weights or
+    $MEANFLOW_INCEPTION_WEIGHTS, needs no download at all). A failure on any rank raises on every rank.
     """
-    path = on_every_rank(lambda: resolve_inception_weights(weights_path, download=download)
-                          if is_rank0(env) else None, env)
-    return on_every_rank(lambda: path if is_rank0(env) else resolve_inception_weights(weights_path, download=False),
-                          env)
+    first = env is None or env.local_rank == 0
+    path = on_every_rank(lambda: resolve_inception_weights(weights_path, download=download) if first else None, env)
+    return on_every_rank(lambda: path if first else resolve_inception_weights(weights_path, download=False), env)
 
 
 # ---------------------------------------------------------------- reference statistics
