@@ -84,6 +84,7 @@ def test_bad_arguments_are_refused(capsys):
     assert "32x32 RGB preset" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_user_error_prints_one_line_and_exits_non_zero():
     """A batch larger than the training set, from the command line: one `error:` line, no traceback."""
     import os
@@ -183,6 +184,7 @@ def test_numerics_check_feeds_the_release_our_draws(norm_p, equal):
         sample_two_timesteps(None, 1, "cpu")
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_its_rows_and_summarises(tmp_path):
     """benchmark.sh, with the tiny preset on CPU: each chosen row writes its JSON and log."""
     import os

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,7 @@ def _kernel_for_this_python(folder: Path) -> None:
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Python 3", "language": "python"}))
 
 
+@pytest.mark.slow
 def test_demo_notebook_runs(tmp_path, monkeypatch):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -88,6 +88,7 @@ def _scenario_all(env) -> None:
     _scenario_consistency(env)
 
 
+@pytest.mark.slow
 def test_two_ranks_env_gradsync_and_consistency():
     """One launch for all two-process checks: starting processes costs most of the time."""
     _launch(_scenario_all)

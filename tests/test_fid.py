@@ -81,6 +81,7 @@ def _sqrtm_distance(mu1, s1, mu2, s2) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("samples", [3000, 1000])  # full rank; rank 999 of 2048, as FID with few samples
 def test_frechet_equals_sqrtm_formula_on_2048_d_covariances(samples):
     rng = np.random.default_rng(samples)
@@ -159,6 +160,7 @@ def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
         cleanup()
 
 
+@pytest.mark.slow
 def test_fid_two_gloo_processes_equal_one(tmp_path):
     ref = fid.dataset_stats(torch.rand(50, 3, 4, 4) * 2 - 1, extractor=FakeExtractor(), progress=False)
     single = sampling.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=10, img_shape=(3, 4, 4), seed=2,
@@ -265,6 +267,7 @@ def _two_node_worker(rank: int, port: int, root: str) -> None:
         cleanup()
 
 
+@pytest.mark.slow
 def test_each_node_fetches_the_inception_weights_into_its_own_cache(tmp_path):
     """Several nodes without a shared cache: the first process of every node downloads, not only rank 0."""
     mp.spawn(_two_node_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -363,6 +366,7 @@ def test_evaluate_cli_table_json_and_ref_tool(fixtures_dir, tmp_path, monkeypatc
     assert ckpt_io.ema_decays(authors) == {"net_ema": 0.9999, "net_ema1": 0.99995, "net_ema2": 0.9996}
 
 
+@pytest.mark.slow
 def test_evaluate_cli_user_error_is_one_line(fixtures_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "torch"),
                MEANFLOW_INCEPTION_WEIGHTS=str(tmp_path / "missing.pth"))
@@ -396,6 +400,7 @@ def test_evaluate_cli_unknown_ema_and_programming_error(fixtures_dir, tmp_path, 
     assert "error:" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_scores_a_digits_checkpoint_by_the_digits_figure_without_inception(tmp_path, capsys):
     """The dataset table says which figure applies: a digits checkpoint needs no Inception weights."""
     import evaluate

@@ -257,6 +257,7 @@ def test_wrong_input_shape_is_named():
         ImfDiT(**SMALL)(torch.zeros(2, 4, 16, 16), torch.zeros(2), torch.zeros(2))
 
 
+@pytest.mark.slow
 def test_fixture_script_names_a_missing_copy(tmp_path):
     missing = tmp_path / "imeanflow-torch"
     script = FIXTURES / "make_imf_fixtures.py"

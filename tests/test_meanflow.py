@@ -159,6 +159,7 @@ def test_joint_loss_compiles_without_graph_breaks():
     torch.testing.assert_close(given(x, t, r), mf.loss(net, x, noise=x, t=t, r=r))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
 def test_split_mode_shares_dropout_masks_under_compile():
     """Compiled random ops ignore the RNG rewind, so the split path must stay eager: with
@@ -351,6 +352,7 @@ def _train_toy(ratio, seed=0, steps=1000, batch=256, autocast=None):
     return net.eval()
 
 
+@pytest.mark.slow
 def test_one_step_meanflow_beats_flow_matching_on_toy_2d():
     """MeanFlow (ratio 0.75) against flow matching (ratio 0, i.e. r = t always: the same loss with
     h = 0), identical seeds, 1000 Adam steps of batch 256. 1-step samples of 2000 points are
@@ -502,6 +504,7 @@ def test_guided_target_is_the_formula(jvp_mode, omega, kappa):
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
 
 
+@pytest.mark.slow
 def test_guided_loss_compiles_as_one_graph_and_equals_eager():
     """The guidance forwards switch the network to eval mode inside the compiled step without a graph break
     (fullgraph), give the eager loss and gradients with dropout on, and a second step does not recompile."""
@@ -605,6 +608,7 @@ def _mixture(labels, generator, num_classes=4):
     return (centres + 0.6 * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)).float(), centres
 
 
+@pytest.mark.slow
 def test_guided_one_step_samples_land_in_their_class_component():
     """4 overlapping classes, one Gaussian each: 92% of data points are nearest their own centre.
     1-step samples of a guided model (omega 2, kappa 0.5, label dropout 0.1, 600 Adam steps of

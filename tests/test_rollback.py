@@ -69,6 +69,7 @@ def fault_9(tmp_path_factory) -> Path:
     return cwd / "output" / "tiny"
 
 
+@pytest.mark.slow
 def test_one_fault_rolls_back_once_and_finishes(fault_9):
     log = (fault_9 / "log.txt").read_text()
     assert "rollback 1: loss became non-finite (nan) between steps 8 and 9; restored checkpoint-last.pth at step 8" \
@@ -79,12 +80,14 @@ def test_one_fault_rolls_back_once_and_finishes(fault_9):
     assert _finite(_tensors(fault_9 / LAST))
 
 
+@pytest.mark.slow
 def test_the_same_command_with_the_same_faults_gives_the_same_weights(fault_9, tmp_path):
     again = tmp_path / "again"
     assert train.main([*TINY, *FAULT_9[1:], "--output_dir", str(again)]) == 0
     assert _identical(_tensors(fault_9 / LAST), _tensors(again / LAST))
 
 
+@pytest.mark.slow
 def test_a_persistent_fault_stops_after_max_rollbacks(tmp_path):
     done = _command(FAULT_9_TEN_TIMES, tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -99,6 +102,7 @@ def test_a_persistent_fault_stops_after_max_rollbacks(tmp_path):
     assert _finite(_tensors(out / LAST))
 
 
+@pytest.mark.slow
 def test_resume_after_a_rollback_equals_the_uninterrupted_run(tmp_path):
     """Faults at steps 9 and 13: stopped at 12 between them and rerun, or run straight to 16."""
     faults = ["--ckpt_every", "4", "--log_per_step", "1", "--fault_nan_at", "9,13"]
@@ -112,6 +116,7 @@ def test_resume_after_a_rollback_equals_the_uninterrupted_run(tmp_path):
     assert _identical(_tensors(straight / LAST), _tensors(resumed / LAST))
 
 
+@pytest.mark.slow
 def test_two_processes_roll_back_together(fault_9, tmp_path):
     """Both ranks restore step 8 at step 9 (a rank left behind fails the weight check that follows the
     restore), and train what one process with the same global batch trains."""
@@ -144,6 +149,7 @@ def test_attempt_zero_draws_with_the_keys_of_a_run_without_rollbacks():
     assert not torch.equal(draw_batch(trainer, step).noise, expected_noise)
 
 
+@pytest.mark.slow
 def test_the_loop_without_faults_trains_what_the_bare_steps_train(tmp_path):
     """The guard's checks read the state and change nothing: the loop's weights equal those of
     train_step called 8 times, with the spike guard off (the default) and on."""
@@ -182,6 +188,7 @@ def test_spike_guard_flags_a_gradient_norm_far_above_its_median():
     assert guard.check(zero, torch.tensor(math.inf))[1] == "gradient norm became non-finite (inf)"
 
 
+@pytest.mark.slow
 def test_a_numbered_snapshot_alone_is_rolled_back_to(tmp_path):
     """--ckpt_every 0 --snapshot_every 4: the fault at step 6 restores checkpoint-4.pth, the state on disk."""
     out = tmp_path / "snapshot"
@@ -193,6 +200,7 @@ def test_a_numbered_snapshot_alone_is_rolled_back_to(tmp_path):
     assert torch.load(out / LAST, weights_only=True)["rollback"]["attempt"] == 1
 
 
+@pytest.mark.slow
 def test_the_newest_checkpoint_is_restored_and_named(tmp_path):
     """--ckpt_every 4 --snapshot_every 6: the fault at step 7 restores checkpoint-6.pth (step 6), not
     checkpoint-last.pth (step 4), and says so."""
@@ -202,6 +210,7 @@ def test_the_newest_checkpoint_is_restored_and_named(tmp_path):
     assert "between steps 6 and 7; restored checkpoint-6.pth at step 6 (1/3 to it)" in (out / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_fault_before_the_first_checkpoint_restores_the_initial_state(tmp_path):
     """The state at step 0 is a pure function of the seed: no file is needed to go back to it."""
     runs = [tmp_path / "early_a", tmp_path / "early_b"]
@@ -223,6 +232,7 @@ def test_a_fault_before_the_first_checkpoint_restores_the_initial_state(tmp_path
     assert all(torch.equal(v, fresh[k]) for k, v in trainer.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_a_rerun_after_the_rollbacks_ran_out_draws_anew(tmp_path):
     """The error line says what a rerun does, and rollback.json makes it draw with the next attempt."""
     done = _command(FAULT_9_TEN_TIMES, tmp_path)

@@ -104,6 +104,7 @@ def _sample_worker(rank: int, port: int, out_dir: str) -> None:
         cleanup()
 
 
+@pytest.mark.slow
 def test_two_processes_gather_the_single_process_samples(tmp_path):
     single = sample_images(toy_net, num_samples=7, img_shape=(1, 4, 4), seed=1, steps=2, batch_size=3)
     mp.spawn(_sample_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -137,6 +138,7 @@ def _run_sample_main(argv: list[str], monkeypatch) -> None:
     runpy.run_path(str(ROOT / "sample.py"), run_name="__main__")
 
 
+@pytest.mark.slow
 def test_cli_user_error_prints_one_line_without_traceback(tmp_path):
     run = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "missing.pth"), "--out",
                           str(tmp_path / "x.npz"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
@@ -174,6 +176,7 @@ def test_cli_user_errors(fixtures_dir, tmp_path, monkeypatch, capsys):
     assert info.value.code == 2 and "--steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_programming_error_keeps_traceback(fixtures_dir, tmp_path):
     # A bug inside the sampler (here: a TypeError planted in training.sampling.generate) is not a user error.
     code = ("import runpy, sys, training.sampling\n"

@@ -132,6 +132,7 @@ def test_config_names_carry_their_units_and_round_trip_through_flag_names():
     assert TrainConfig.from_flags(dict(flags, pin_mem=True, num_workers=10)) == cfg  # an older file's flags
 
 
+@pytest.mark.slow
 def test_bf16_precision_follows_the_float32_run():
     """--precision bf16 runs the network under bf16 autocast: the same steps, losses within bf16's
     rounding of the float32 run's, weights kept in float32."""
@@ -178,6 +179,7 @@ def test_lr_schedule_is_the_release_schedulers():
 # --------------------------------------------------------------------------- exact continuation
 
 
+@pytest.mark.slow
 def test_stop_and_rerun_continues_exactly(straight, tmp_path):
     _train("--output_dir", str(tmp_path), "--dropout", "0.1", "--max_steps", "4")
     assert torch.load(tmp_path / LAST, weights_only=True)["step"] == 4
@@ -185,6 +187,7 @@ def test_stop_and_rerun_continues_exactly(straight, tmp_path):
     assert _max_diff(_state(straight), _state(tmp_path)) <= 1e-6  # in fact bit-identical
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_continues_exactly(tmp_path):
     cmd = [sys.executable, "train.py", *TINY, "--output_dir", str(tmp_path), "--dropout", "0.1",
            "--max_steps", "24", "--log_per_step", "1", "--ckpt_every", "0"]
@@ -207,6 +210,7 @@ def test_sigterm_then_rerun_continues_exactly(tmp_path):
     assert _max_diff(_state(straight), _state(tmp_path)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_release_checkpoint_resumes_at_its_epoch(straight, tmp_path):
     ours = torch.load(straight / LAST, weights_only=True)
     theirs = {"model": ours["model"], "optimizer": ours["optimizer"], "lr_schedule": {}, "epoch": 0,
@@ -224,6 +228,7 @@ def test_release_checkpoint_resumes_at_its_epoch(straight, tmp_path):
 # --------------------------------------------------------------------------- processes
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_twice_the_batch(straight, tmp_path):
     one = tmp_path / "one"
     _train("--output_dir", str(one))  # dropout 0 (tiny preset), batch 8
@@ -269,6 +274,7 @@ def _tamper_worker(rank: int, port: int, result_dir: str) -> None:
         cleanup()
 
 
+@pytest.mark.slow
 def test_consistency_check_names_rank_and_parameter(tmp_path):
     torch.multiprocessing.spawn(_tamper_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
@@ -298,6 +304,7 @@ def _stop_worker(rank: int, port: int, out: str, signal_at: int) -> None:
     Path(out, f"steps{rank}.txt").write_text(" ".join(map(str, ran)))
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_both_at_the_same_poll_step(tmp_path):
     torch.multiprocessing.spawn(_stop_worker, args=(free_port(), str(tmp_path), 3), nprocs=2)
     every = stop_lib.STOP_POLL_EVERY
@@ -307,6 +314,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_poll_step(tmp_path):
     assert "stopped by SIGTERM at step %d" % every in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reaches_poll", [False, True])
 def test_stop_timer_exits_only_when_no_step_boundary_is_reached(reaches_poll):
     code = ("import os, signal, sys, time, torch\n"
@@ -345,6 +353,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_stop_timer_fires_while_the_rank_is_blocked_in_a_collective(tmp_path):
     """A SIGTERM to a rank waiting in a gloo all-reduce for a peer that never comes: the process exits on
     its own grace_s after the signal, not when the collective gives up (here: when the peer exits)."""
@@ -393,6 +402,7 @@ def _failing_write_worker(rank: int, port: int, out: str) -> None:
     Path(out, f"rank{rank}.txt").write_text(outcome)
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_stops_every_rank(tmp_path):
     context = torch.multiprocessing.spawn(_failing_write_worker, args=(free_port(), str(tmp_path)), nprocs=2,
                                           join=False)
@@ -433,6 +443,7 @@ def test_missing_dataset_offline_fails_fast(tmp_path):
     assert not list(out.glob("*.pth"))
 
 
+@pytest.mark.slow
 def test_user_error_prints_one_line_and_exits_non_zero(tmp_path):
     """A missing dataset, from the command line: one `error:` line on stderr, no traceback."""
     empty = tmp_path / "empty"
@@ -446,6 +457,7 @@ def test_user_error_prints_one_line_and_exits_non_zero(tmp_path):
     assert "--data_path" in lines[0]
 
 
+@pytest.mark.slow
 def test_compute_fid_without_inception_weights_fails_at_start(tmp_path):
     """Missing weights offline fail before any data or step, not at the first evaluation hours later."""
     missing = tmp_path / "nowhere" / "inception.pth"
@@ -482,6 +494,7 @@ def test_checkpoint_of_another_network_is_a_user_error(straight, tmp_path, capsy
     assert "more)" in err[0] and "pass the network flags" in err[0]
 
 
+@pytest.mark.slow
 def test_programming_error_keeps_its_traceback(tmp_path):
     """An exception that is not a user error leaves the command line with Python's traceback."""
     code = ("import runpy, sys, training.run\n"
@@ -540,6 +553,7 @@ def test_tiny_run_writes_logs_config_and_checkpoint(straight):
     assert "step 8/8" in log and "digits quality of net_ema" in log
 
 
+@pytest.mark.slow
 def test_digits_quality_separates_real_from_noise():
     from utils.data import load_dataset
     from utils.digits_quality import DigitsQuality
@@ -554,6 +568,7 @@ def test_digits_quality_separates_real_from_noise():
     assert train_digits["fd"] < 2
 
 
+@pytest.mark.slow
 def test_eval_only_evaluates_the_resume_checkpoint_not_the_last(tmp_path):
     _train("--output_dir", str(tmp_path), "--snapshot_every", "4")
     snapshot = tmp_path / "checkpoint-4.pth"
@@ -564,6 +579,7 @@ def test_eval_only_evaluates_the_resume_checkpoint_not_the_last(tmp_path):
     assert list((tmp_path / "samples").glob("step00000004_net_ema.png"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["cifar10_v0.sh", "cifar10_v1.sh"])
 def test_launchers_start_train_py_under_torchrun(script):
     env = dict(_env(), GPUS_PER_NODE="1", MASTER_PORT=str(free_port()))
@@ -588,9 +604,10 @@ def test_torch_jit_deprecation_is_hidden_whatever_its_category():
 # --------------------------------------------------------------------------- class-conditional runs
 
 
-COND = ["--class_cond", "--cfg_omega", "1.0", "--cfg_kappa", "0.5", "--label_dropout", "0.3"]
+COND = ["--class_cond", "--cfg_omega", "1.0", "--cfg_kappa", "0.5", "--label_dropout", "0.25"]
 
 
+@pytest.mark.slow
 def test_class_conditional_run_resumes_exactly_and_is_world_size_invariant(tmp_path):
     """Labels and their dropout are keyed draws: a stop and rerun continues exactly and two processes
     train the weights of one with twice the batch (the tolerance of the unconditional test)."""

@@ -206,6 +206,7 @@ def test_gradient_through_jvp_matches_finite_differences():
     assert abs(analytic - numeric) / abs(numeric) < 1e-6
 
 
+@pytest.mark.slow
 def test_compiled_jvp_and_backward_match_eager():
     """Dynamo + AOTAutograd trace the JVP and its backward as one graph (no graph breaks).
 
@@ -384,6 +385,7 @@ def traced_silu_backward_is_one_op() -> bool:
 
 @pytest.mark.parametrize("jvp_mode, autocast", [("joint", torch.bfloat16), ("network", None),
                                                 ("network", torch.bfloat16)])
+@pytest.mark.slow
 def test_loss_and_backward_trace_as_one_graph(jvp_mode: str, autocast):
     """Dynamo and AOTAutograd trace the loss and its backward without a graph break (fullgraph) on
     the paths train.py compiles besides the default one, and give the eager loss and gradients
