@@ -16,6 +16,7 @@ guidance scale and interval as inputs and return (u, v); see docs/imf.md.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -29,9 +30,10 @@ def _broadcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def conditions(labels: torch.Tensor | None = None, aug_cond: torch.Tensor | None = None) -> dict:
-    """The keyword inputs of a network call beside (z, t, h): only those given."""
-    cond = {}
+def conditions(labels: torch.Tensor | None = None, aug_cond: torch.Tensor | None = None, **guidance) -> dict:
+    """The keyword inputs of a network call beside (z, t, h): only those given (guidance: omega, t_min,
+    t_max of an iMF network)."""
+    cond = {name: value for name, value in guidance.items() if value is not None}
     if labels is not None:
         cond["labels"] = labels
     if aug_cond is not None:
@@ -263,6 +265,17 @@ class MeanFlow:
         """
         p = self.label_dropout / self.p_tied if self.label_dropout else 0.0
         return torch.rand(batch_size, device=device, dtype=torch.float32, generator=generator) < p
+
+    def sample_draws(self, batch_size: int, generator: Callable[[str], torch.Generator], *,
+                     labels: bool) -> dict[str, torch.Tensor]:
+        """The per-sample draws of a training batch besides the noise, each [batch_size] from the generator
+        of its purpose: t and r ("t_r") and, with labels, the drop candidates ("label_drop"). ``loss``
+        takes them by these names."""
+        t, r = self.sample_t_r(batch_size, generator=generator("t_r"))
+        draws = dict(t=t, r=r)
+        if labels:
+            draws["drop"] = self.sample_drop(batch_size, generator=generator("label_drop"))
+        return draws
 
     def guided_velocity(self, net, z: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
                         labels: torch.Tensor, aug_cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -501,6 +514,16 @@ class ImprovedMeanFlow:
         p = self.class_dropout_prob / self.data_proportion if self.data_proportion else 0.0
         return torch.rand(batch_size, device=device, dtype=torch.float32, generator=generator) < p
 
+    def sample_draws(self, batch_size: int, generator: Callable[[str], torch.Generator], *,
+                     labels: bool = True) -> dict[str, torch.Tensor]:
+        """The per-sample draws of a training batch besides the noise, each [batch_size] from the generator
+        of its purpose: t and r ("t_r"), omega, t_min and t_max ("guidance"), the drop candidates
+        ("label_drop"). ``loss`` takes them by these names."""
+        t, r = self.sample_t_r(batch_size, generator=generator("t_r"))
+        omega, t_min, t_max = self.sample_guidance(batch_size, generator=generator("guidance"))
+        return dict(t=t, r=r, omega=omega, t_min=t_min, t_max=t_max,
+                    drop=self.sample_drop(batch_size, generator=generator("label_drop")))
+
     def _net_autocast(self, device: torch.device):
         return torch.autocast(device_type=device.type, dtype=self.autocast, enabled=self.autocast is not None,
                               cache_enabled=False)
@@ -597,24 +620,32 @@ class ImprovedMeanFlow:
 
 @torch.no_grad()
 def sample(net, noise: torch.Tensor, steps: int = 1, aug_cond: torch.Tensor | None = None,
-           labels: torch.Tensor | None = None) -> torch.Tensor:
+           labels: torch.Tensor | None = None, *, omega: float | None = None, t_min: float | None = None,
+           t_max: float | None = None) -> torch.Tensor:
     """Generate data from noise with ``steps`` average-velocity jumps; returns z at t = 0.
 
     noise: [B, ...] (e ~ N(0, I), i.e. z at t = 1). Walks the uniform grid 1 = t_0 > ... > t_N = 0
     with z_r = z_t - (t - r) u(z_t, t, t - r); steps = 1 is x = z_1 - u(z_1, 1, 1).
-    labels: class indices [B] for a class-conditional network (guidance, if it was trained with
-    any, is already in the network). Put ``net`` in eval mode first if it has dropout.
+    labels: class indices [B] for a class-conditional network. MeanFlow's guidance, if it was
+    trained with any, is in the network; an iMF network takes it as inputs: omega, t_min, t_max
+    (one value for every sample), and is sampled by its u (its first output). Put ``net`` in eval
+    mode first if it has dropout.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an integer >= 1")
     if noise.dim() < 1:
         raise ValueError(f"noise must have a batch dimension, got shape {tuple(noise.shape)}")
-    cond = conditions(labels, aug_cond)
-    z = noise
     batch = noise.shape[0]
+
+    def per_sample(value: float | None) -> torch.Tensor | None:
+        return None if value is None else torch.full((batch,), float(value), device=noise.device, dtype=noise.dtype)
+
+    cond = conditions(labels, aug_cond, omega=per_sample(omega), t_min=per_sample(t_min), t_max=per_sample(t_max))
+    z = noise
     for i in range(steps):
         t = torch.full((batch,), 1.0 - i / steps, device=noise.device, dtype=noise.dtype)
         r = torch.full((batch,), 1.0 - (i + 1) / steps, device=noise.device, dtype=noise.dtype)
         h = t - r
-        z = z - _broadcast(h, z) * net(z, t, h, **cond)
+        u = net(z, t, h, **cond)
+        z = z - _broadcast(h, z) * (u[0] if isinstance(u, tuple) else u)
     return z

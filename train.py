@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cfg_t_end", type=float, help="see --cfg_t_start")
     add("--label_dropout", type=float, help="probability of training a sample with the null class (unconditional)")
 
+    g = p.add_argument_group("improved MeanFlow (docs/imf.md)")
+    add("--objective", choices=["meanflow", "imf"], help="the training objective: MeanFlow's, or improved MeanFlow's "
+        "(iMF: the guidance scale and interval are inputs of the network, --arch imf_dit)")
+    add("--omega", type=float, help="iMF: the guidance scale evaluation during training samples with "
+        "(sample.py and evaluate.py default to the checkpoint's)")
+    add("--t_min", type=float, help="iMF: start of the guidance interval evaluation samples with")
+    add("--t_max", type=float, help="iMF: end of the guidance interval evaluation samples with")
+
     g = p.add_argument_group("network")
     add("--arch", choices=list(NETWORKS), help="network architecture (models/networks.py): unet (SongUNet / DDPM++), "
         "dit (the MeanFlow authors' DiT), imf_dit (improved MeanFlow's DiT)")

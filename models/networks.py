@@ -8,7 +8,9 @@ The convention every network follows (what the training step and the samplers ca
         cond   only the inputs in use:
                labels    LongTensor [B], class indices 0..num_classes-1; num_classes is the null class
                aug_cond  float [B, augment_dim], EDM's augmentation labels (SongUNet)
-        u      float [B, C, H, W]
+               omega, t_min, t_max   float [B], iMF's guidance scale and interval (ImfDiT)
+        u      float [B, C, H, W]; a network with guidance inputs returns (u, v), v its
+               instantaneous-velocity head (None when built without it)
     attributes: in_channels, img_resolution (H = W), num_classes (0: unconditional)
     optional:   forward_and_tangent(z, t, h, dz, dt, dh, **cond) -> (u, du), a hand-written tangent
                 path (MeanFlow's jvp_mode "network")
@@ -40,6 +42,8 @@ class NetworkSpec:
         our layout or in its authors'.
     import_state(state_dict) -> the state dict in our layout (the authors' layout renamed; ours unchanged).
     augments: whether the network takes EDM's augmentation labels (aug_cond).
+    guidance_inputs: whether the network takes iMF's guidance inputs (omega, t_min, t_max) and returns
+        (u, v): the networks iMF's objective trains.
     """
     name: str
     cls: type[torch.nn.Module]
@@ -50,6 +54,7 @@ class NetworkSpec:
     owns: Callable[[dict], bool]
     import_state: Callable[[dict], dict] = dict
     augments: bool = False
+    guidance_inputs: bool = False
 
     def build(self, config: dict) -> torch.nn.Module:
         return self.cls(**config)
@@ -205,7 +210,7 @@ NETWORKS = {
     "imf_dit": NetworkSpec(
         name="imf_dit", cls=ImfDiT, options=("model_size",), make_config=_sized_config(IMF_SIZES),
         check=_sized_check(IMF_SIZES), infer_config=imf_convert.infer_config, owns=owns_imf_dit,
-        import_state=imf_convert.import_state),
+        import_state=imf_convert.import_state, guidance_inputs=True),
 }
 
 

@@ -640,3 +640,46 @@ def test_every_guidance_flag_given_without_class_cond_is_refused(flag, value, ca
 
 def test_guidance_flags_need_class_cond():
     assert build_method(train.resolve_config(["--preset", "digits-cond"])).guided
+
+
+# --------------------------------------------------------------------------- the iMF objective
+
+IMF = ["--preset", "tiny", "--no_edm_aug", "--class_cond", "--arch", "imf_dit", "--model_size",
+       "XS/2", "--objective", "imf", "--tr_sampler", "v0", "--P_mean_t", "-0.4", "--P_std_t", "1", "--P_mean_r",
+       "-0.4", "--P_std_r", "1", "--ratio", "0.5", "--norm_p", "1", "--norm_eps", "0.01", "--device", "cpu",
+       "--not_compile"]
+
+
+def test_the_imf_objective_trains_through_the_same_step():
+    """--objective imf: the step draws iMF's guidance inputs (keyed, for the global batch) and trains an imf_dit."""
+    from training.step import draw_batch
+    from utils.distributed import init_distributed
+
+    cfg = train.resolve_config([*IMF, "--output_dir", ""])
+    trainer = build_trainer(cfg, init_distributed("cpu"))
+    assert type(trainer.method).__name__ == "ImprovedMeanFlow" and trainer.method.data_proportion == 0.5
+    batch = draw_batch(trainer, 0)
+    assert batch.omega.shape == batch.t_min.shape == (8,) and (batch.omega >= 1).all() and (batch.omega <= 8).all()
+    assert torch.equal(draw_batch(trainer, 0).omega, batch.omega) and not torch.equal(draw_batch(trainer, 1).omega,
+                                                                                       batch.omega)
+    before = {k: v.clone() for k, v in trainer.model.net.state_dict().items()}
+    losses = [train_step(trainer, step)[0] for step in range(2)]
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.model.net.state_dict().items())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "unet"], "--objective imf with --arch unet"),
+    (["--cfg_omega", "2"], "--cfg_omega 2.0: MeanFlow's guidance in the target"),
+    (["--tr_sampler", "v1"], "use --tr_sampler v0"),
+])
+def test_imf_settings_that_cannot_train_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train.main([*IMF, "--output_dir", "", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_meanflow_refuses_a_network_with_guidance_inputs(capsys):
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--no_edm_aug", "--arch", "imf_dit", "--model_size", "XS/2", "--output_dir", ""])
+    assert "--objective meanflow with --arch imf_dit" in capsys.readouterr().err

@@ -19,8 +19,13 @@ from utils.distributed import DistEnv, GradSync, barrier
 from utils.errors import UserFileError, UserValueError
 
 
-def build_method(cfg: TrainConfig) -> meanflow.MeanFlow:
-    """The MeanFlow objective of these settings; a class-conditional run gets the guidance settings."""
+def build_method(cfg: TrainConfig) -> meanflow.MeanFlow | meanflow.ImprovedMeanFlow:
+    """The objective of these settings: MeanFlow's (a class-conditional run gets the guidance settings) or iMF's."""
+    if cfg.objective == "imf":
+        return meanflow.ImprovedMeanFlow(
+            num_classes=data_utils.dataset_info(cfg.dataset).num_classes, P_mean=cfg.P_mean_t, P_std=cfg.P_std_t,
+            data_proportion=1.0 - cfg.ratio, class_dropout_prob=cfg.class_dropout, norm_p=cfg.norm_p,
+            norm_eps=cfg.norm_eps, autocast=autocast_dtype(cfg.precision))
     guidance = {}
     if cfg.class_cond:
         guidance = dict(num_classes=data_utils.dataset_info(cfg.dataset).num_classes, cfg_omega=cfg.cfg_omega,
@@ -51,6 +56,10 @@ def check_buildable(cfg: TrainConfig) -> None:
         raise UserValueError(f"--{FLAG_OF_FIELD.get(name, name)} {getattr(cfg, name)!r}: {why}")
     if cfg.use_edm_aug and not spec.augments:
         raise UserValueError(f"--use_edm_aug: the {spec.name} network takes no augmentation labels")
+    if spec.guidance_inputs != (cfg.objective == "imf"):
+        raise UserValueError(f"--objective {cfg.objective} with --arch {spec.name}: iMF's objective trains a network "
+                             f"that takes the guidance as inputs and has a v-head (imf_dit), MeanFlow's one that "
+                             f"does not")
     if cfg.compute_fid and info.quality != "inception":
         raise UserValueError(f"--compute_fid True: Inception FID is not the figure of {cfg.dataset} (its samples "
                              f"are scored by the {info.quality} quality figure instead)")

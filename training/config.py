@@ -28,11 +28,15 @@ DEFAULTS = dict(
     ema_period=16, jvp_mode="joint", cpu_threads=0, precision="tf32",
     max_rollbacks=3, spike_factor=0.0, fault_nan_at=None,
     class_cond=False, cfg_omega=1.0, cfg_kappa=0.0, cfg_t_start=0.0, cfg_t_end=1.0, label_dropout=0.1,
+    objective="meanflow", omega=None, t_min=None, t_max=None,
 )
 # The release's flags that have no effect here (the reason is in train.py's --help).
 IGNORED_FLAGS = ("num_workers", "pin_mem", "start_epoch", "save_fid_samples", "world_size", "local_rank")
-# The guidance flags: each needs --class_cond.
+# The guidance flags: each needs --class_cond. MeanFlow's are in its training target; iMF's are the
+# guidance its evaluation samples with (the network takes them as inputs).
 GUIDANCE_FLAGS = ("cfg_omega", "cfg_kappa", "cfg_t_start", "cfg_t_end", "label_dropout")
+MEANFLOW_GUIDANCE_FLAGS = ("cfg_omega", "cfg_kappa", "cfg_t_start", "cfg_t_end")
+IMF_SAMPLING_FLAGS = ("omega", "t_min", "t_max")
 
 # Internal names of the flags whose names do not say their unit or meaning.
 FIELD_OF_FLAG = dict(
@@ -101,7 +105,8 @@ class TrainConfig:
     ema_decays: list[float] = field(default_factory=lambda: [0.99995, 0.9996])  # net_ema1, net_ema2, ...
     ema_period_steps: int = 16
     seed: int = 0
-    # The MeanFlow objective.
+    # The objective: MeanFlow's, or improved MeanFlow's (iMF).
+    objective: str = "meanflow"
     tr_sampler: str = "v1"
     P_mean_t: float = -0.6
     P_std_t: float = 1.6
@@ -118,6 +123,9 @@ class TrainConfig:
     cfg_t_start: float = 0.0
     cfg_t_end: float = 1.0
     class_dropout: float = 0.1            # the method's label dropout, not the network's
+    omega: float | None = None            # iMF: the guidance scale and interval evaluation samples with
+    t_min: float | None = None
+    t_max: float | None = None
     # The network (models/networks.py reads the options of its architecture).
     arch: str = "unet"
     model_size: str = "B/2"               # the transformers' named size (dit, imf_dit)
@@ -207,6 +215,24 @@ def validate(cfg: TrainConfig, given: dict = ()) -> None:
     need(all(0 <= d < 1 for d in cfg.ema_decays), "ema_decays", "each must be in [0, 1)")
     need(cfg.dist_url == "env://" or cfg.dist_url.startswith("tcp://"), "dist_url", "use env:// or tcp://HOST:PORT")
     if not cfg.class_cond:
-        for flag in GUIDANCE_FLAGS:
+        for flag in GUIDANCE_FLAGS + IMF_SAMPLING_FLAGS:
             if flag in given:
                 need(False, FIELD_OF_FLAG.get(flag, flag), "guidance needs --class_cond")
+    need(cfg.objective in ("meanflow", "imf"), "objective", "use meanflow or imf")
+    if cfg.objective == "imf":
+        for flag in MEANFLOW_GUIDANCE_FLAGS:
+            if flag in given or getattr(cfg, flag) != DEFAULTS[flag]:
+                need(False, flag, "MeanFlow's guidance in the target; iMF's network takes the guidance as inputs, "
+                                  "chosen at sampling time (--omega, --t_min, --t_max)")
+        need(cfg.class_cond, "objective", "iMF is class-conditional: add --class_cond")
+        need(cfg.tr_sampler == "v0" and (cfg.P_mean_t, cfg.P_std_t) == (cfg.P_mean_r, cfg.P_std_r), "objective",
+             "iMF draws t and r from one logit-normal and ties a fraction 1 - ratio of them: use --tr_sampler v0 "
+             "with equal --P_mean_t/--P_mean_r and --P_std_t/--P_std_r")
+    else:
+        for flag in IMF_SAMPLING_FLAGS:
+            if flag in given:
+                need(False, flag, "the guidance inputs of iMF's network: only with --objective imf")
+    for flag in ("t_min", "t_max"):
+        value = getattr(cfg, flag)
+        need(value is None or 0 <= value <= 1, flag, "a time in [0, 1]")
+    need(cfg.omega is None or cfg.omega >= 1, "omega", "a guidance scale >= 1")

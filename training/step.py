@@ -28,11 +28,12 @@ WARMUP_START = 1e-8  # the release's LinearLR starts at lr = 1e-8 (start_factor 
 
 @dataclass
 class Batch:
-    """One step's draws for this rank's rows of the global batch, on the device.
+    """One step's draws for this rank's rows of the global batch, on the device; the loss takes them by name.
 
     x: data [b, C, H, W]; noise: e ~ N(0, I) like x; t, r: [b], t >= r. aug_cond: EDM's augmentation
     labels [b, 6] (None without augmentation). labels: class indices [b] and drop: [b] bool, the
-    labels the loss replaces by the null class (both None for an unconditional network).
+    candidates for the null class (both None for an unconditional network). omega, t_min, t_max:
+    [b], the guidance scale and interval the iMF objective trains with (None for MeanFlow's).
     """
     x: torch.Tensor
     noise: torch.Tensor
@@ -41,6 +42,13 @@ class Batch:
     aug_cond: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     drop: torch.Tensor | None = None
+    omega: torch.Tensor | None = None
+    t_min: torch.Tensor | None = None
+    t_max: torch.Tensor | None = None
+
+    def loss_inputs(self) -> dict[str, torch.Tensor]:
+        """Every draw but x, by name, without the ones this batch has not."""
+        return {name: value for name, value in vars(self).items() if name != "x" and value is not None}
 
 
 @dataclass
@@ -53,7 +61,7 @@ class Trainer:
     network: str                # the architecture's name in models/networks.py
     model_config: dict          # its keyword arguments
     optimizer: torch.optim.Adam
-    method: meanflow.MeanFlow
+    method: meanflow.MeanFlow | meanflow.ImprovedMeanFlow  # the objective
     loss_fn: Callable           # loss_and_backward, compiled or not
     grad_sync: GradSync
     augment: AugmentPipe | None
@@ -141,14 +149,11 @@ def draw_batch(trainer: Trainer, step: int) -> Batch:
         # The augmentation's draws and decisions stay on the host too: no device sync.
         x, aug_cond = trainer.augment(x, generator("augment"), offset=rows.start, total=global_batch)
     noise = torch.randn((global_batch, *trainer.img_shape), generator=generator("noise"))[rows]
-    t, r = trainer.method.sample_t_r(global_batch, generator=generator("t_r"))
-    batch = Batch(x=x, noise=data_utils.to_device(noise, device), t=data_utils.to_device(t[rows], device),
-                  r=data_utils.to_device(r[rows], device), aug_cond=aug_cond)
-    if trainer.class_cond:
-        drop = trainer.method.sample_drop(global_batch, generator=generator("label_drop"))[rows]
-        batch.labels = data_utils.to_device(trainer.data.labels[idx], device)
-        batch.drop = data_utils.to_device(drop, device)
-    return batch
+    draws = trainer.method.sample_draws(global_batch, generator, labels=trainer.class_cond)
+    labels = trainer.data.labels[idx] if trainer.class_cond else None
+    draws = {name: data_utils.to_device(value[rows], device) for name, value in draws.items()}
+    return Batch(x=x, noise=data_utils.to_device(noise, device), aug_cond=aug_cond,
+                 labels=None if labels is None else data_utils.to_device(labels, device), **draws)
 
 
 def attempt_keys(attempt: int) -> tuple:
@@ -157,10 +162,9 @@ def attempt_keys(attempt: int) -> tuple:
     return ("attempt", attempt) if attempt else ()
 
 
-def loss_and_backward(net, method: meanflow.MeanFlow, batch: Batch) -> torch.Tensor:
-    """MeanFlow loss of one batch and its backward pass (the part that torch.compile speeds up)."""
-    loss = method.loss(net, batch.x, batch.aug_cond, labels=batch.labels, noise=batch.noise, t=batch.t, r=batch.r,
-                       drop=batch.drop)
+def loss_and_backward(net, method: meanflow.MeanFlow | meanflow.ImprovedMeanFlow, batch: Batch) -> torch.Tensor:
+    """The objective's loss of one batch and its backward pass (the part that torch.compile speeds up)."""
+    loss = method.loss(net, batch.x, **batch.loss_inputs())
     loss.backward()
     return loss.detach()
 
