@@ -16,9 +16,9 @@ import sys
 
 import torch
 
-from training.build import load_network
+from training.build import load_network, read_checkpoint
 from training.sampling import fid_of_network, sample_images
-from utils.checkpoint import available_networks, checkpoint_dataset, ema_decays, load_checkpoint
+from utils.checkpoint import available_networks, checkpoint_dataset, ema_decays
 from utils.cli import HelpFormatter, parse_model_config
 from utils.data import DATASETS, dataset_info
 from utils.distributed import cleanup, init_distributed
@@ -52,7 +52,7 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
     env = init_distributed(args.device)
     main = env.rank == 0
     try:
-        ckpt = load_checkpoint(args.ckpt)
+        ckpt = read_checkpoint(args.ckpt)
         names = select_networks(ckpt, args.ema)
         dataset = args.dataset or checkpoint_dataset(ckpt)
         config = parse_model_config(args.model_config)
@@ -167,7 +167,8 @@ def fid_parser() -> argparse.ArgumentParser:
         epilog="Reference statistics: `python evaluate.py ref --help`.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint (ours or the authors' CIFAR-10 .pth)")
+    p.add_argument("--ckpt", required=True, help="checkpoint (ours or the authors' CIFAR-10 .pth), or the "
+                   "authors' JAX DiT checkpoint folder (needs jax, flax, orbax-checkpoint)")
     p.add_argument("--steps", type=int, nargs="+", default=[1], help="numbers of sampling steps to evaluate")
     p.add_argument("--ema", nargs="+", default=["all"], help="networks: 'all' (every EMA copy) or names "
                    "such as net_ema net_ema1 net")

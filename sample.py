@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "Run with torchrun to split the samples over processes.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--ckpt", required=True, help="checkpoint file (.pth)")
+    p.add_argument("--ckpt", required=True, help="checkpoint file (.pth), or the authors' JAX DiT checkpoint folder "
+                   "(needs jax, flax, orbax-checkpoint; --ema net: their params, net_ema: their EMA params)")
     p.add_argument("--num_samples", type=int, default=64, help="number of images")
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one network evaluation)")
     p.add_argument("--ema", default="net_ema", help="network in the checkpoint: net, net_ema, net_ema1, ...")

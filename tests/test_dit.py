@@ -13,6 +13,8 @@ import meanflow
 from models.dit import DIT_CONFIGS, DiT
 from models.dit_convert import (import_flax_checkpoints, infer_config, read_flax_checkpoint, state_dict_from_flax,
                                 torch_name)
+from training.build import checkpoint_from_flax, load_network
+from utils.errors import UserFileError, UserValueError
 
 # Parameters of their JAX DiT (counted with jax.eval_shape on their models_dit.py) and the paper's table.
 JAX_PARAMS = {"B/4": 131_165_248, "B/2": 131_091_472, "M/2": 308_019_216, "L/2": 459_137_040, "XL/2": 676_440_592}
@@ -178,8 +180,9 @@ def test_meanflow_loss_and_grads_match_jax(jax_small, converted):
         assert rel_err(p.grad, their_grads[name]) < 1e-4, name
 
 
-def test_read_flax_checkpoint_of_their_train_state(jax_small, tmp_path):
-    """A checkpoint saved as their train.py saves it (TrainState with ema_params, save_checkpoint_multiprocess)."""
+def write_their_checkpoint(folder: Path, params: dict, ema_params: dict, step: int = 7) -> None:
+    """A checkpoint saved as their train.py saves it (TrainState with ema_params, save_checkpoint_multiprocess);
+    params and ema_params flat, '/'-joined inside the DiT. Skips the test without jax, flax, orbax-checkpoint."""
     try:
         traverse_util, checkpoints = import_flax_checkpoints()
     except ModuleNotFoundError as e:
@@ -192,10 +195,18 @@ def test_read_flax_checkpoint_of_their_train_state(jax_small, tmp_path):
     class TrainState(train_state.TrainState):
         ema_params: Any
 
-    params = {"net": traverse_util.unflatten_dict(jax_small["param"], sep="/")}
-    ema = {"net": traverse_util.unflatten_dict({k: v / 2 for k, v in jax_small["param"].items()}, sep="/")}
-    state = TrainState.create(apply_fn=None, params=params, ema_params=ema, tx=optax.adamw(1e-4, b2=0.95))
-    checkpoints.save_checkpoint_multiprocess(str(tmp_path), state, 7, keep=3)
+    state = TrainState.create(apply_fn=None, params={"net": traverse_util.unflatten_dict(params, sep="/")},
+                              ema_params={"net": traverse_util.unflatten_dict(ema_params, sep="/")},
+                              tx=optax.adamw(1e-4, b2=0.95))
+    checkpoints.save_checkpoint_multiprocess(str(folder), state, step, keep=3)
+
+
+def halved(flat: dict) -> dict:
+    return {k: v / 2 for k, v in flat.items()}
+
+
+def test_read_flax_checkpoint_of_their_train_state(jax_small, tmp_path):
+    write_their_checkpoint(tmp_path, jax_small["param"], halved(jax_small["param"]))
     for folder in (tmp_path, tmp_path / "checkpoint_7"):
         read = read_flax_checkpoint(folder)
         assert read["params"].keys() == read["ema_params"].keys() == jax_small["param"].keys()
@@ -206,6 +217,46 @@ def test_read_flax_checkpoint_of_their_train_state(jax_small, tmp_path):
     DiT(**config).load_state_dict(state_dict, strict=True)
     with pytest.raises(ValueError, match="not a checkpoint"):
         read_flax_checkpoint(tmp_path / "checkpoint_7" / "d")
+
+
+def their_sample(net: torch.nn.Module, jax_small: dict) -> torch.Tensor:
+    """The 1-step sample of meanflow.sample (what sample.py draws) on the noise and labels of their sample."""
+    with torch.no_grad():
+        return meanflow.sample(net, torch.from_numpy(jax_small["noise"]),
+                               labels=torch.from_numpy(jax_small["sample_labels"]))
+
+
+def test_load_network_of_their_converted_checkpoint_samples_their_sample(jax_small, tmp_path):
+    """Their params as "net", their EMA params as "net_ema": from the converted dict and from it saved as a file."""
+    meta = jax_small["meta"]["dit"]
+    read = {"params": jax_small["param"], "ema_params": halved(jax_small["param"])}
+    ckpt = checkpoint_from_flax(read, img_resolution=meta["input_size"], num_heads=meta["num_heads"])
+    torch.save(ckpt, tmp_path / "converted.pth")
+    for source in (ckpt, tmp_path / "converted.pth"):
+        net = load_network(source, ema="net")
+        assert rel_err(their_sample(net, jax_small), torch.from_numpy(jax_small["sample_1step"])) < 1e-5
+        ema = load_network(source, ema="net_ema")
+        for p_ema, p in zip(ema.parameters(), net.parameters()):
+            torch.testing.assert_close(p_ema, p / 2)
+
+
+def test_load_network_of_their_checkpoint_folder_samples_their_sample(jax_small, tmp_path):
+    """sample.py --ckpt FOLDER: their checkpoint folder read by load_network (jax, flax, orbax-checkpoint)."""
+    write_their_checkpoint(tmp_path, jax_small["param"], halved(jax_small["param"]))
+    meta = jax_small["meta"]["dit"]
+    given = dict(img_resolution=meta["input_size"], num_heads=meta["num_heads"])  # not in their weights
+    net = load_network(tmp_path / "checkpoint_7", ema="net", model_config=given)
+    assert rel_err(their_sample(net, jax_small), torch.from_numpy(jax_small["sample_1step"])) < 1e-5
+    ema = load_network(tmp_path, ema="net_ema", model_config=given)
+    torch.testing.assert_close(ema.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight / 2)
+    with pytest.raises(UserValueError, match=r"no network 'net_ema1'.*\['net', 'net_ema'\]"):
+        load_network(tmp_path, ema="net_ema1", model_config=given)
+
+
+def test_load_network_of_a_folder_without_flax_names_the_packages(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "flax", None)
+    with pytest.raises(UserFileError, match="is a folder.*pip install jax flax orbax-checkpoint"):
+        load_network(tmp_path)
 
 
 def test_read_flax_checkpoint_without_flax_names_the_package(monkeypatch, tmp_path):
@@ -281,3 +332,4 @@ def test_compiled_jvp_and_backward_match_eager():
     assert rel_err(loss_compiled, loss_eager) < 1e-6
     for g_compiled, g_eager in zip(grads_compiled, grads_eager):
         assert rel_err(g_compiled, g_eager) < 1e-5
+

@@ -2,11 +2,13 @@
 and a network rebuilt from a checkpoint (ours or the authors')."""
 
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import meanflow
+from models import dit_convert
 from models.ema import EMAModel
 from models.networks import NetworkSpec, network_spec, spec_of_state_dict
 from training.config import FLAG_OF_FIELD, TrainConfig
@@ -123,16 +125,50 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, data: data_utils.ImageData | N
         warmup_steps=cfg.warmup_epochs * steps_per_epoch)
 
 
+# The networks of the authors' JAX train state under our names: their trained and EMA parameters.
+FLAX_NETWORKS = {"net": "params", "net_ema": "ema_params"}
+
+
+def checkpoint_from_flax(read: dict[str, dict], *, img_resolution: int = 32, num_heads: int | None = None) -> dict:
+    """The authors' JAX DiT checkpoint, as models.dit_convert.read_flax_checkpoint returns it, as a
+    checkpoint of ours: the DiT's config, their params as network "net", their ema_params as "net_ema".
+    img_resolution, num_heads: what their weights do not tell (state_dict_from_flax)."""
+    model = {}
+    for name, key in FLAX_NETWORKS.items():
+        config, state_dict = dit_convert.state_dict_from_flax(read[key], img_resolution=img_resolution,
+                                                              num_heads=num_heads)
+        model.update({f"{name}.{k}": v for k, v in state_dict.items()})
+    return {"model": model, "network": "dit", "model_config": config}
+
+
+def read_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
+    """A checkpoint dict from a file (ours, the authors' PyTorch release or iMF's), or from a folder:
+    the authors' JAX DiT checkpoint (checkpoint_<step> or the work dir holding it), read with jax,
+    flax and orbax-checkpoint and converted by checkpoint_from_flax. Their weights do not tell the
+    input size and head count: model_config's img_resolution and num_heads, when given, set them."""
+    if not Path(path).is_dir():
+        return load_checkpoint(path)
+    given = {k: v for k, v in (model_config or {}).items() if k in ("img_resolution", "num_heads")}
+    try:
+        return checkpoint_from_flax(dit_convert.read_flax_checkpoint(path), **given)
+    except ModuleNotFoundError as e:
+        raise UserFileError(f"{path} is a folder, read as the authors' JAX DiT checkpoint: {e}") from e
+    except ValueError as e:
+        raise UserFileError(f"{path} is a folder but not the authors' JAX DiT checkpoint: {e}") from e
+
+
 def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None = None,
                  device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A network in eval mode from one network of a checkpoint: ours, or the authors' release's.
+    """A network in eval mode from one network of a checkpoint: ours, or the authors' (PyTorch or JAX).
 
-    path_or_ckpt: a path or an already loaded checkpoint dict. ema: "net", "net_ema", "net_ema1", ...
-    The architecture is the checkpoint's `network` entry, else recognised from the weights (the
-    authors' iMF checkpoints hold one network, "net"); the config is ckpt["model_config"] if the
-    file has one, else `model_config`, else inferred from the weights.
+    path_or_ckpt: a path (read_checkpoint: a file, or the authors' JAX checkpoint folder) or an
+    already loaded checkpoint dict. ema: "net", "net_ema", "net_ema1", ... (a JAX checkpoint: "net"
+    is their params, "net_ema" their ema_params). The architecture is the checkpoint's `network`
+    entry, else recognised from the weights (the authors' iMF checkpoints hold one network, "net");
+    the config is ckpt["model_config"] if the file has one, else `model_config`, else inferred from
+    the weights (a JAX checkpoint: with model_config's img_resolution and num_heads, read_checkpoint).
     """
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read_checkpoint(path_or_ckpt, model_config)
     where = "the given checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
     prefix = ema + "."
     state = {k[len(prefix):]: v for k, v in model_state(ckpt).items() if k.startswith(prefix)}
