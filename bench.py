@@ -290,6 +290,11 @@ def baseline(args, cfg: TrainConfig, device: torch.device, check: dict | None, e
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    dataset = PRESETS[args.preset].get("dataset", config_lib.DEFAULTS["dataset"])
+    if dataset not in data_utils.DATASETS:
+        print(f"skipped --preset {args.preset}: its dataset {dataset!r} is not in this version's table of datasets "
+              f"({', '.join(data_utils.DATASETS)})")
+        return 0
     quiet_jit_deprecation()
     given = dict(preset=args.preset, jvp_mode=args.jvp_mode, precision=args.precision)
     given.update({k: v for k, v in dict(batch_size=args.batch_size, device=args.device).items() if v is not None})

@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import meanflow
+import train
 from models.dit import DIT_CONFIGS, DiT
 from models.dit_convert import (import_flax_checkpoints, infer_config, read_flax_checkpoint, state_dict_from_flax,
                                 torch_name)
+from training import config as config_lib
 from training.build import checkpoint_from_flax, load_network
+from utils import data as data_utils
 from utils.errors import UserFileError, UserValueError
 
 # Parameters of their JAX DiT (counted with jax.eval_shape on their models_dit.py) and the paper's table.
@@ -333,3 +337,36 @@ def test_compiled_jvp_and_backward_match_eager():
     for g_compiled, g_eager in zip(grads_compiled, grads_eager):
         assert rel_err(g_compiled, g_eager) < 1e-5
 
+# ---------------------------------------------------------------- presets
+
+# Their JAX code's configs/default.py and configs/run_b4.yml (docs/dit.md); batch 32 per process x 8 = their 256.
+IMAGENET_RECIPE = dict(
+    dataset="imagenet256-latent", arch="dit", batch_per_process=32, epochs=240, lr=1e-4, warmup_epochs=0,
+    adam_betas=[0.9, 0.95], ema_decay=0.9999, ema_decays=[], ema_period_steps=1, tr_sampler="v0", P_mean_t=-0.4,
+    P_std_t=1.0, P_mean_r=-0.4, P_std_r=1.0, ratio=0.25, norm_p=1.0, norm_eps=0.01, class_cond=True,
+    class_dropout=0.1, cfg_t_start=0.0, dropout=0.0, use_edm_aug=False, compute_fid=False)
+# model_size, omega, kappa, end of the guidance interval: B/4 and M/2 their JAX default, the others the
+# public PyTorch configs' (docs/dit.md).
+IMAGENET_SIZES = {"imagenet256-b4": ("B/4", 1.0, 0.5, 1.0), "imagenet256-b2": ("B/2", 1.0, 0.5, 1.0),
+                  "imagenet256-m2": ("M/2", 1.0, 0.5, 1.0), "imagenet256-l2": ("L/2", 0.2, 0.92, 0.8),
+                  "imagenet256-xl2": ("XL/2", 0.2, 0.92, 0.75)}
+
+
+@pytest.mark.parametrize("preset", list(IMAGENET_SIZES))
+def test_imagenet_presets_are_the_authors_recipe(preset):
+    cfg = config_lib.resolve(dict(preset=preset), cuda_available=True)
+    assert {k: getattr(cfg, k) for k in IMAGENET_RECIPE} == IMAGENET_RECIPE
+    size, omega, kappa, t_end = IMAGENET_SIZES[preset]
+    assert (cfg.model_size, cfg.cfg_omega, cfg.cfg_kappa, cfg.cfg_t_end) == (size, omega, kappa, t_end)
+    assert cfg.output_dir == f"./output/{preset}" and cfg.device == "cuda" and cfg.compile
+
+
+def test_a_preset_whose_dataset_is_missing_fails_in_one_line(monkeypatch, capsys):
+    monkeypatch.delitem(data_utils.DATASETS, "imagenet256-latent", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--preset", "imagenet256-b4", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith("error: --preset imagenet256-b4 trains on the dataset 'imagenet256-latent', which is not")
+    assert bench.main(["--preset", "imagenet256-b4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("skipped --preset imagenet256-b4: its dataset 'imagenet256-latent'")

@@ -11,7 +11,7 @@ import meanflow
 from models import dit_convert
 from models.ema import EMAModel
 from models.networks import NetworkSpec, network_spec, spec_of_state_dict
-from training.config import FLAG_OF_FIELD, TrainConfig
+from training.config import FLAG_OF_FIELD, PRESETS, TrainConfig
 from training.precision import autocast_dtype
 from training.step import Trainer, loss_and_backward
 from utils import data as data_utils
@@ -51,6 +51,9 @@ def network_config(cfg: TrainConfig) -> tuple[NetworkSpec, dict]:
 def check_buildable(cfg: TrainConfig) -> None:
     """UserValueError naming the flag when the network, the method or the evaluation cannot be built."""
     spec = network_spec(cfg.arch)
+    if cfg.dataset not in data_utils.DATASETS and cfg.preset and PRESETS[cfg.preset].get("dataset") == cfg.dataset:
+        raise UserValueError(f"--preset {cfg.preset} trains on the dataset {cfg.dataset!r}, which is not in this "
+                             f"version's table of datasets ({', '.join(data_utils.DATASETS)})")
     info = data_utils.dataset_info(cfg.dataset)
     problem = spec.check(info.img_shape, **{name: getattr(cfg, name) for name in spec.options})
     if problem is not None:

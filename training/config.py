@@ -85,6 +85,28 @@ PRESETS = {
 # omega / (1 - kappa) = 2, the authors' default); two extra forwards per step.
 PRESETS["digits-cond"] = dict(PRESETS["digits"], class_cond=True, cfg_omega=1.0, cfg_kappa=0.5, label_dropout=0.1,
                               output_dir="./output/digits-cond")
+# ImageNet 256 in the SD VAE's latents with the authors' DiT (docs/dit.md gives each value's source): their
+# JAX code's configs/default.py and run_b4.yml, and per size the guidance of the public PyTorch configs.
+# batch_size is per process: 32 x 8 processes is their global batch of 256; on N processes pass
+# --batch_size 256/N. One EMA, updated every step, as theirs. No flips: the dataset entry decides them
+# (its latents, like theirs, are not mirrored). FID stays off until evaluation decodes latents.
+_IMAGENET256 = dict(
+    dataset="imagenet256-latent", arch="dit", batch_size=32, epochs=240, lr=0.0001, warmup_epochs=0,
+    optimizer_betas=[0.9, 0.95], ema_decay=0.9999, ema_decays=[], ema_period=1,
+    tr_sampler="v0", P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4, P_std_r=1.0, ratio=0.25, norm_p=1.0, norm_eps=0.01,
+    class_cond=True, label_dropout=0.1, cfg_t_start=0.0, dropout=0.0, use_edm_aug=False,
+    eval_frequency=10, compute_fid=False, log_per_step=100, ckpt_every=1000,
+)
+PRESETS["imagenet256-b4"] = dict(_IMAGENET256, model_size="B/4", cfg_omega=1.0, cfg_kappa=0.5, cfg_t_end=1.0,
+                                 output_dir="./output/imagenet256-b4")
+PRESETS["imagenet256-b2"] = dict(_IMAGENET256, model_size="B/2", cfg_omega=1.0, cfg_kappa=0.5, cfg_t_end=1.0,
+                                 output_dir="./output/imagenet256-b2")
+PRESETS["imagenet256-m2"] = dict(_IMAGENET256, model_size="M/2", cfg_omega=1.0, cfg_kappa=0.5, cfg_t_end=1.0,
+                                 output_dir="./output/imagenet256-m2")
+PRESETS["imagenet256-l2"] = dict(_IMAGENET256, model_size="L/2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_end=0.8,
+                                 output_dir="./output/imagenet256-l2")
+PRESETS["imagenet256-xl2"] = dict(_IMAGENET256, model_size="XL/2", cfg_omega=0.2, cfg_kappa=0.92, cfg_t_end=0.75,
+                                  output_dir="./output/imagenet256-xl2")
 
 
 @dataclass
