@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     ignored = "accepted for compatibility with the release; ignored: "
     g = p.add_argument_group("presets and run length")
     g.add_argument("--preset", choices=sorted(PRESETS), help="named settings: cifar10-v0/-v1 (the release's "
-                   "launchers), digits (CPU quickstart), digits-cond (the same, class-conditional), tiny (tests), "
+                   "launchers), digits (CPU quickstart), digits-cond (the same, class-conditional), digits-dit (the same "
+                   "with a DiT), tiny (tests), "
                    "imagenet256-b4/-b2/-m2/-l2/-xl2 (the authors' ImageNet recipe, docs/dit.md)")
     add("--epochs", type=int, help="training length in epochs of the global batch")
     add("--max_steps", type=int, help="training length in optimizer steps; overrides --epochs")

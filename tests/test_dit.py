@@ -1,5 +1,6 @@
 """The DiT of models/dit.py: the authors' configs and initialisation, their JAX code's outputs, loss and
-gradients (tests/fixtures/dit_jax_small.npz), conversion of their checkpoints, and the JVP."""
+gradients (tests/fixtures/dit_jax_small.npz), conversion of their checkpoints and loading them, the JVP,
+and the DiT presets."""
 
 import json
 import sys
@@ -15,9 +16,13 @@ import train
 from models.dit import DIT_CONFIGS, DiT
 from models.dit_convert import (import_flax_checkpoints, infer_config, read_flax_checkpoint, state_dict_from_flax,
                                 torch_name)
+from models.networks import DIT_SIZES
 from training import config as config_lib
-from training.build import checkpoint_from_flax, load_network
+from training.build import build_trainer, checkpoint_from_flax, load_network
+from training.resume import checkpoint_state
+from training.step import train_step
 from utils import data as data_utils
+from utils.distributed import init_distributed
 from utils.errors import UserFileError, UserValueError
 
 # Parameters of their JAX DiT (counted with jax.eval_shape on their models_dit.py) and the paper's table.
@@ -370,3 +375,17 @@ def test_a_preset_whose_dataset_is_missing_fails_in_one_line(monkeypatch, capsys
     assert err.startswith("error: --preset imagenet256-b4 trains on the dataset 'imagenet256-latent', which is not")
     assert bench.main(["--preset", "imagenet256-b4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("skipped --preset imagenet256-b4: its dataset 'imagenet256-latent'")
+
+
+def test_digits_dit_preset_trains_and_its_checkpoint_rebuilds_the_network():
+    """Two steps of the preset; the checkpoint's model_config carries the head count, which the weights do not."""
+    cfg = train.resolve_config(["--preset", "digits-dit", "--device", "cpu"])
+    assert (cfg.arch, cfg.model_size, cfg.class_cond, cfg.cfg_omega, cfg.cfg_kappa) == ("dit", "XS/2", True, 1.0, 0.5)
+    trainer = build_trainer(cfg, init_distributed("cpu"))
+    losses = [train_step(trainer, step)[0].item() for step in range(2)]
+    assert all(np.isfinite(losses))
+    ckpt = checkpoint_state(trainer, 2, config=cfg.flags(), rollback={})
+    assert ckpt["network"] == "dit" and ckpt["model_config"]["num_heads"] == DIT_SIZES["XS/2"]["num_heads"]
+    net = load_network(ckpt, ema="net")
+    for p, q in zip(net.parameters(), trainer.model.net.parameters()):
+        assert torch.equal(p, q)
