@@ -1,5 +1,6 @@
 """bench.py keeps working on CPU, and its FLOP count agrees with an independent count."""
 
+import dataclasses
 import json
 import types
 
@@ -8,6 +9,8 @@ import torch
 
 import bench
 from models.unet import SongUNet
+from training.config import TrainConfig
+from utils import data as data_utils
 from utils.errors import exit_on_user_error
 
 
@@ -224,3 +227,24 @@ def test_a_failing_part_is_reported_without_losing_the_rest(tmp_path, monkeypatc
     assert report["errors"] == {"flops": "RuntimeError: counter broke"}
     assert report["flops"] == {} and report["ours"]["images_per_s"] > 0
     assert "FAILED flops: RuntimeError: counter broke" in capsys.readouterr().out
+
+
+def test_dit_preset_runs_and_counts_its_step_as_run(tmp_path):
+    """The DiT has no hand-written tangent path: no "needed" count, and no error for the lack of one."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "digits-dit", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert not report["errors"] and report["ours"]["ms_per_step"] > 0
+    flops = report["flops"]
+    assert "useful_train_step_per_image" not in flops
+    # A guided step: the JVP and the backward (about 5 forwards) and the guidance's two forwards.
+    assert 6 * flops["forward_per_image"] < flops["train_step_per_image"] < 8 * flops["forward_per_image"]
+
+
+def test_synthetic_data_has_at_most_synthetic_rows(monkeypatch):
+    """ImageNet-sized datasets (1.28M latents) are stood in for by SYNTHETIC_ROWS rows."""
+    large = dataclasses.replace(data_utils.DATASETS["digits"], train_size=10**7, resolution=2)
+    monkeypatch.setitem(data_utils.DATASETS, "digits", large)
+    assert bench.synthetic_images(TrainConfig(dataset="digits")).shape == (bench.SYNTHETIC_ROWS, 1, 2, 2)
+    assert bench.synthetic_images(TrainConfig(dataset="digits"), 8).shape == (8, 1, 2, 2)
