@@ -1,12 +1,13 @@
 """Speed of the training-time latent reader (utils.latents.LatentDataset.batch) on one CPU thread.
 
     python bench_latents.py                      # 20,000 synthetic 256x256 latents, batch 256
-    python bench_latents.py --world 8            # rank 0 of 8: the draws cover the global batch of 8 x 256
+    python bench_latents.py --batch 32 --world 8 # DiT-XL/2's global batch of 256 over 8 processes: rank 0
 
 Writes a latent folder of synthetic moments in the real format and sizes into a temporary folder
 (about 1 GB for 20,000 images), then times batch() for random indices: the memory-mapped gather of
-the chosen view's mean and std, the keyed flip and noise draws, and mean + std * eps. The files are
-in the page cache after writing, as a dataset that fits in memory is after its first epoch.
+the chosen view's mean and std, the keyed flip draw (for the global batch) and noise draws (per
+row), and mean + std * eps. The files are in the page cache after writing, as a dataset that fits
+in memory is after its first epoch.
 """
 import argparse
 import tempfile
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     # 200-image shards give 20,000 images as many shards per batch.
     p.add_argument("--shard_size", type=int, default=200)
     p.add_argument("--batch", type=int, default=256, help="rows of this process")
-    p.add_argument("--world", type=int, default=1, help="processes sharing the global batch (draws cover all)")
+    p.add_argument("--world", type=int, default=1, help="processes sharing the global batch (the flip draw covers all)")
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -203,7 +203,7 @@ def test_batch_is_mean_plus_std_eps_with_keyed_draws_and_ranks_concatenate(prepa
     full = ds.batch(idx, generator=gen, rows=slice(0, 6), total=6, flip=True, device="cpu")
     mirror = (torch.rand(6, generator=gen("flip")) < 0.5).long()
     assert 0 < mirror.sum() < 6
-    eps = torch.randn((6, *ds.shape), generator=gen("latent"))
+    eps = torch.stack([torch.randn(ds.shape, generator=gen(f"latent/{row}")) for row in range(6)])
     # The moments read straight from the shard files: image i is row i - 8 k of shard k = i // 8.
     shard = [(i // 8, i % 8) for i in idx.tolist()]
     mean = torch.stack([torch.from_numpy(np.load(shard_path(prepared, k, "mean"))[r, v])

@@ -149,16 +149,20 @@ class LatentDataset:
             std[rows] = self._std[s][local]
         return torch.from_numpy(mean), torch.from_numpy(std)
 
+    def to(self, device: str | torch.device) -> "LatentDataset":
+        """The dataset itself: the memory maps stay on the host, batch() moves each batch to the device."""
+        return self
+
     def batch(self, idx: torch.Tensor, *, generator: Callable[[str], torch.Generator], rows: slice, total: int,
               flip: bool, device: str | torch.device) -> torch.Tensor:
         """The RAW training latents of this rank's rows of a global batch: float32 [b, C, H, W] on `device`.
 
         idx: LongTensor [b] (host), the dataset indices of rows `rows` (a slice of length b) of a global
         batch of `total` rows. generator(purpose) returns a fresh CPU generator keyed by (seed, step,
-        purpose); every draw is made for all `total` rows and then sliced, so the rows of N processes
-        concatenate to what one process draws:
+        purpose). Each draw depends on the row's place in the global batch only, so the rows of N
+        processes concatenate to what one process draws:
             mirror = torch.rand(total, generator=generator("flip"))[rows] < 0.5     (only when flip)
-            eps    = torch.randn((total, C, H, W), generator=generator("latent"))[rows]
+            eps[k] = torch.randn((C, H, W), generator=generator(f"latent/{rows.start + k}"))
         and the latent is mean + std * eps of the chosen view, a sample of the VAE posterior.
         """
         start, stop, step = rows.indices(total)
@@ -168,7 +172,11 @@ class LatentDataset:
             mirror = torch.rand(total, generator=generator("flip"))[rows] < 0.5
         else:
             mirror = torch.zeros(len(idx), dtype=torch.bool)
-        eps = torch.randn((total, *self.shape), generator=generator("latent"))[rows]
+        # One generator per row: drawing the global batch's noise and slicing it would cost every
+        # process O(global batch), 8 ms per step at 256 x 4 x 32 x 32 and 4 times that at 512.
+        eps = torch.empty((len(idx), *self.shape))
+        for k, row in enumerate(range(start, stop)):
+            torch.randn(self.shape, generator=generator(f"latent/{row}"), out=eps[k])
         mean, std = self.moments(idx, mirror)
         return to_device(torch.addcmul(mean, std, eps), device)
 
@@ -217,3 +225,4 @@ SD_SCALE = LatentNorm(shift=(0.0, 0.0, 0.0, 0.0), scale=(0.18215,) * 4)
 IMF_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
 IMF_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 IMF_NORM = LatentNorm(shift=IMF_MEAN, scale=tuple(1.0 / s for s in IMF_STD))
+
