@@ -112,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no_edm_aug", action="store_false", dest="use_edm_aug", help="turn off --use_edm_aug set by a preset")
 
     g = p.add_argument_group("data")
-    add("--dataset", choices=list(data_utils.DATASETS), help="cifar10, mnist (3x32x32) or digits (1x8x8)")
-    add("--data_path", help="folder with the dataset files (downloaded there when missing and online)")
+    add("--dataset", choices=list(data_utils.DATASETS), help="cifar10, mnist (3x32x32), digits (1x8x8), "
+        "imagenet256-latent or imagenet512-latent (SD VAE latents 4x32x32, 4x64x64; docs/imagenet.md)")
+    add("--data_path", help="folder with the dataset files (downloaded there when missing and online); for "
+        "latents the folder prepare_latents.py wrote")
+    add("--flip", action="store_true", help="mirror each training image with probability 1/2 (latents: draw the "
+        "encoded mirror); default: the dataset's, on for cifar10 only")
+    add("--no_flip", action="store_false", dest="flip", help="never mirror (cifar10 without its flips)")
     add("--num_workers", type=int, help=ignored + "the dataset is held in memory and indexed directly, no DataLoader")
     add("--pin_mem", action="store_true", help=ignored + "the dataset is moved to the device once")
     add("--no_pin_mem", action="store_false", dest="pin_mem", help=ignored + "see --pin_mem")

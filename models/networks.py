@@ -44,6 +44,9 @@ class NetworkSpec:
     augments: whether the network takes EDM's augmentation labels (aug_cond).
     guidance_inputs: whether the network takes iMF's guidance inputs (omega, t_min, t_max) and returns
         (u, v): the networks iMF's objective trains.
+    latent_norm: on VAE latents, the normalization its authors train it with, a name of
+        utils.latents.NORMS: "sd-scale" (z * 0.18215, MeanFlow's DiT and LDM's U-Net) or "imf" (iMF's
+        per-channel (z - mean) / std). The run applies it and records it in the checkpoint.
     """
     name: str
     cls: type[torch.nn.Module]
@@ -55,6 +58,7 @@ class NetworkSpec:
     import_state: Callable[[dict], dict] = dict
     augments: bool = False
     guidance_inputs: bool = False
+    latent_norm: str = "sd-scale"
 
     def build(self, config: dict) -> torch.nn.Module:
         return self.cls(**config)
@@ -211,7 +215,7 @@ NETWORKS = {
     "imf_dit": NetworkSpec(
         name="imf_dit", cls=ImfDiT, options=("model_size",), make_config=_sized_config(IMF_SIZES),
         check=_sized_check(IMF_SIZES), infer_config=imf_convert.infer_config, owns=owns_imf_dit,
-        import_state=imf_convert.import_state, guidance_inputs=True),
+        import_state=imf_convert.import_state, guidance_inputs=True, latent_norm="imf"),
 }
 
 

@@ -19,6 +19,7 @@ from utils.augment import AugmentPipe
 from utils.checkpoint import available_networks, load_checkpoint, model_state
 from utils.distributed import DistEnv, GradSync, barrier
 from utils.errors import UserFileError, UserValueError
+from utils.latents import NORMS, LatentSpace
 
 
 def build_method(cfg: TrainConfig) -> meanflow.MeanFlow | meanflow.ImprovedMeanFlow:
@@ -68,6 +69,11 @@ def check_buildable(cfg: TrainConfig) -> None:
     if cfg.compute_fid and info.quality != "inception":
         raise UserValueError(f"--compute_fid True: Inception FID is not the figure of {cfg.dataset} (its samples "
                              f"are scored by the {info.quality} quality figure instead)")
+    if cfg.compute_fid and info.latent:
+        raise UserValueError(f"--compute_fid True: {cfg.dataset} is scored against {info.reference} by evaluate.py "
+                             f"--ref, not during training (docs/imagenet.md)")
+    if cfg.use_edm_aug and info.latent:
+        raise UserValueError(f"--use_edm_aug: EDM's augmentation transforms images, and {cfg.dataset} holds latents")
     try:
         build_method(cfg)  # MeanFlow checks its own arguments (ratio, stds, sampler, guidance)
     except ValueError as e:
@@ -106,6 +112,11 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, data: data_utils.ImageData | N
         raise UserValueError(f"global batch {global_batch} (--batch_size {cfg.batch_per_process} x {env.world_size} "
                              f"processes) is larger than the {len(data)} training images: lower --batch_size")
     spec, model_config = network_config(cfg)
+    info = data_utils.dataset_info(cfg.dataset)
+    latent = None
+    if info.latent:  # the network's own normalization, and what decodes its samples (recorded in checkpoints)
+        latent = LatentSpace(norm=NORMS[spec.latent_norm], vae=data.description["vae"],
+                             resolution=data.description["resolution"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(data_utils.fold_seed(cfg.seed, "init"))
         net = spec.build(model_config)
@@ -123,9 +134,9 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, data: data_utils.ImageData | N
         data=data.to(env.device), env=env, model=model, network=spec.name, model_config=model_config,
         optimizer=optimizer, method=build_method(cfg), grad_sync=GradSync(net.parameters()),
         loss_fn=torch.compile(loss_and_backward, mode=compile_mode) if cfg.compile else loss_and_backward,
-        augment=AugmentPipe() if cfg.use_edm_aug else None, flip=data_utils.dataset_info(cfg.dataset).flip,
+        augment=AugmentPipe() if cfg.use_edm_aug else None, flip=info.flip if cfg.flip is None else cfg.flip,
         class_cond=cfg.class_cond, seed=cfg.seed, batch=cfg.batch_per_process, lr=cfg.lr,
-        warmup_steps=cfg.warmup_epochs * steps_per_epoch)
+        warmup_steps=cfg.warmup_epochs * steps_per_epoch, latent=latent)
 
 
 # The networks of the authors' JAX train state under our names: their trained and EMA parameters.

@@ -29,6 +29,7 @@ DEFAULTS = dict(
     max_rollbacks=3, spike_factor=0.0, fault_nan_at=None,
     class_cond=False, cfg_omega=1.0, cfg_kappa=0.0, cfg_t_start=0.0, cfg_t_end=1.0, label_dropout=0.1,
     objective="meanflow", omega=None, t_min=None, t_max=None,
+    flip=None,
 )
 # The release's flags that have no effect here (the reason is in train.py's --help).
 IGNORED_FLAGS = ("num_workers", "pin_mem", "start_epoch", "save_fid_samples", "world_size", "local_rank")
@@ -167,6 +168,7 @@ class TrainConfig:
     # Data.
     dataset: str = "cifar10"
     data_path: str = "./data"
+    flip: bool | None = None              # horizontal flips; None: the dataset's (utils/data.py: cifar10 only)
     # Output, checkpoints, evaluation.
     output_dir: str = "./output_dir"
     resume: str = ""

@@ -6,6 +6,7 @@ import torch
 
 from training.step import WARMUP_START, Trainer
 from utils import checkpoint as ckpt_io
+from utils import latents
 from utils.errors import UserFileError
 
 CHECKPOINT_FORMAT = "meanflow-pytorch/1"
@@ -15,9 +16,10 @@ LAST = "checkpoint-last.pth"
 def checkpoint_state(trainer: Trainer, step: int, *, config: dict, rollback: dict) -> dict:
     """The checkpoint after `step` steps: the release's layout under "model", plus what rebuilds and
     resumes the run. config: the run's settings under their flag names (sample.py reads them);
-    rollback: training/rollback.py's state (the attempt that keys the draws of the steps to come)."""
+    rollback: training/rollback.py's state (the attempt that keys the draws of the steps to come).
+    A latent model's checkpoint also holds its LatentSpace under "latent": how its samples become images."""
     epoch, k = divmod(step, trainer.steps_per_epoch)
-    return {
+    state = {
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "lr_schedule": {"kind": "linear_warmup_then_constant", "lr": trainer.lr, "start_lr": WARMUP_START,
@@ -33,6 +35,9 @@ def checkpoint_state(trainer: Trainer, step: int, *, config: dict, rollback: dic
         "rollback": dict(rollback),
         "format": CHECKPOINT_FORMAT,
     }
+    if trainer.latent is not None:
+        state[latents.CHECKPOINT_KEY] = trainer.latent.to_dict()
+    return state
 
 
 def find_start(*, out: Path | None, resume: str, eval_only: bool) -> tuple[dict | None, str]:

@@ -22,6 +22,7 @@ from models.ema import EMAModel
 from utils import data as data_utils
 from utils.augment import AugmentPipe
 from utils.distributed import DistEnv, GradSync, check_consistency
+from utils.latents import LatentSpace
 
 WARMUP_START = 1e-8  # the release's LinearLR starts at lr = 1e-8 (start_factor = 1e-8 / lr)
 
@@ -72,6 +73,7 @@ class Trainer:
     lr: float
     warmup_steps: int
     attempt: int = 0            # rollbacks so far (training/rollback.py): keys every draw; 0 adds no key
+    latent: LatentSpace | None = None  # latent data: the network's normalization of them, the VAE that decodes
 
     @property
     def device(self) -> torch.device:
@@ -130,7 +132,8 @@ def draw_batch(trainer: Trainer, step: int) -> Batch:
     """This rank's rows of global batch `step`.
 
     Every random draw is made for the whole global batch from a generator keyed by
-    (seed, step, purpose, attempt), then sliced, so rows do not depend on the number of processes.
+    (seed, step, purpose, attempt), then sliced (a latent's noise: from a generator per row, keyed
+    by the row too), so rows do not depend on the number of processes.
     The generators are the host's: CUDA's randn depends on the launch grid, i.e. on the GPU model,
     and a CPU generator gives the same numbers on every machine. Draws go to the device pinned,
     without waiting for it.
@@ -143,7 +146,13 @@ def draw_batch(trainer: Trainer, step: int) -> Batch:
 
     epoch, k = divmod(step, trainer.steps_per_epoch)
     idx = data_utils.batch_indices(trainer.seed, epoch, len(trainer.data), global_batch, k)[rows]
-    x = trainer.data.batch(idx, generator=generator, rows=rows, total=global_batch, flip=trainer.flip, device=device)
+    if trainer.latent is None:
+        x = trainer.data.batch(idx, generator=generator, rows=rows, total=global_batch, flip=trainer.flip,
+                               device=device)
+    else:  # RAW VAE latents, normalized on the host: on the device, copying the constants there would wait
+        x = trainer.data.batch(idx, generator=generator, rows=rows, total=global_batch, flip=trainer.flip,
+                               device="cpu")
+        x = data_utils.to_device(trainer.latent.norm.normalize(x), device)
     aug_cond = None
     if trainer.augment is not None:
         # The augmentation's draws and decisions stay on the host too: no device sync.

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import UserValueError
+from utils.errors import UserFileError, UserValueError
 
 DIGITS_TRAIN = 1500  # of 1797 scikit-learn digits; the other 297 are held out
 
@@ -60,18 +60,24 @@ class DatasetSpec:
 
     quality: the figure evaluation reports for samples of it: "inception" (FID, utils/fid.py) or
         "digits" (utils/digits_quality.py).
-    open(root, train, download) -> the split's data (ImageData); FileNotFoundError naming `files`
-        when the data is missing and cannot be downloaded.
+    open(root, train, download) -> the split's data (ImageData, or a LatentDataset); FileNotFoundError
+        naming `files` when the data is missing and cannot be downloaded.
+    latent: the items are VAE latents (utils/latents.py): channels and resolution are the latents',
+        and samples are decoded by the VAE before they are scored.
+    reference: where the published FID reference statistics come from, for a dataset scored only
+        against them ("": computed from the training set and cached, utils/fid.py).
     """
     name: str
     channels: int
     resolution: int
     train_size: int   # items in the training split
     num_classes: int  # labelled classes (every dataset here has labels)
-    flip: bool        # horizontal flips keep an image in the data distribution
+    flip: bool        # horizontal flips keep an image in the data distribution (train.py's --flip overrides)
     quality: str
     open: Callable[[Path, bool, bool], ImageData]
     files: str        # what to put under --data_path
+    latent: bool = False
+    reference: str = ""
 
     @property
     def img_shape(self) -> tuple[int, int, int]:
@@ -151,8 +157,39 @@ def _digits(root: Path, train: bool, download: bool) -> ImageData:
     return ImageData(images[rows].contiguous(), torch.from_numpy(digits.target).long()[rows])
 
 
+IMAGENET_TRAIN = 1281167  # images in ILSVRC2012's training set
+LATENT_FILES = "the folder that prepare_latents.py --out wrote (dataset.json and its shards)"
+ADM_REFERENCES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
+
+
+def _latent_folder(name: str, image_resolution: int) -> Callable:
+    """The loader of a latent entry: the folder --data_path as prepare_latents.py wrote it, checked against
+    the entry's latent shape and number of classes."""
+    def open_latents(root: Path, train: bool, download: bool):
+        from utils.latents import DESCRIPTION_FILE, LatentDataset  # utils.latents imports this module
+
+        spec = DATASETS[name]
+        if not train:
+            raise UserValueError(f"{name} has no held-out split: its FID reference is {spec.reference}")
+        if not (root / DESCRIPTION_FILE).is_file():
+            raise FileNotFoundError(
+                f"no latents under {root} ({DESCRIPTION_FILE} missing: not made yet, or unfinished): encode the "
+                f"images with prepare_latents.py --data_path IMAGENET/train --out FOLDER --resolution "
+                f"{image_resolution} (run again to finish a folder), then pass --data_path FOLDER")
+        data = LatentDataset(root)
+        classes = len(data.description["classes"])
+        if data.shape != spec.img_shape or classes > spec.num_classes:
+            raise UserFileError(
+                f"{root} holds latents {data.shape} of {classes} classes; {name} trains on {spec.img_shape} of at "
+                f"most {spec.num_classes} ({image_resolution}px crops encoded by the SD VAE): pass --data_path "
+                f"with such a folder, or the dataset that fits this one")
+        return data
+    return open_latents
+
+
 # The one table of datasets. MNIST is trained as the release does: 32x32, grey copied to RGB.
-# Only CIFAR-10 is flipped: a mirrored 2, 3, 4, 7 or 9 is not a digit.
+# Only CIFAR-10 is flipped: a mirrored 2, 3, 4, 7 or 9 is not a digit; the MeanFlow and iMF code
+# never mirror ImageNet (their latent datasets store no mirror and ignore their flip setting).
 DATASETS = {
     "cifar10": DatasetSpec("cifar10", channels=3, resolution=32, train_size=50000, num_classes=10, flip=True,
                            quality="inception", open=_cifar10, files=CIFAR10_FILES),
@@ -160,6 +197,15 @@ DATASETS = {
                          quality="inception", open=_mnist, files=MNIST_FILES),
     "digits": DatasetSpec("digits", channels=1, resolution=8, train_size=DIGITS_TRAIN, num_classes=10, flip=False,
                           quality="digits", open=_digits, files="nothing (the digits ship with scikit-learn)"),
+    "imagenet256-latent": DatasetSpec(
+        "imagenet256-latent", channels=4, resolution=32, train_size=IMAGENET_TRAIN, num_classes=1000, flip=False,
+        quality="inception", open=_latent_folder("imagenet256-latent", 256), files=LATENT_FILES, latent=True,
+        reference=f"ADM's reference batch VIRTUAL_imagenet256_labeled.npz ({ADM_REFERENCES}/256/"
+                  f"VIRTUAL_imagenet256_labeled.npz)"),
+    "imagenet512-latent": DatasetSpec(
+        "imagenet512-latent", channels=4, resolution=64, train_size=IMAGENET_TRAIN, num_classes=1000, flip=False,
+        quality="inception", open=_latent_folder("imagenet512-latent", 512), files=LATENT_FILES, latent=True,
+        reference=f"ADM's reference batch VIRTUAL_imagenet512.npz ({ADM_REFERENCES}/512/VIRTUAL_imagenet512.npz)"),
 }
 
 

@@ -226,3 +226,38 @@ IMF_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
 IMF_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 IMF_NORM = LatentNorm(shift=IMF_MEAN, scale=tuple(1.0 / s for s in IMF_STD))
 
+# The normalizations by name: a network's entry in models/networks.py names the one its authors train with.
+NORMS = {"sd-scale": SD_SCALE, "imf": IMF_NORM}
+
+# The entry of a latent model's checkpoint that says how its samples become images (LatentSpace.to_dict()).
+CHECKPOINT_KEY = "latent"
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """What turns a latent model's samples into images, as its checkpoint records it under CHECKPOINT_KEY.
+
+    norm: the network's normalization of the RAW latents, undone before decoding; vae: the VAE of the
+    latent folder, its dataset.json record {"name", "repo", "path", "scaling_factor"}; resolution: the
+    side in pixels of the images it decodes to.
+    """
+    norm: LatentNorm
+    vae: dict
+    resolution: int
+
+    @property
+    def vae_name(self) -> str:
+        """The VAE as utils.vae.load_vae takes it: "mse" or "ema", or the folder it was loaded from."""
+        return self.vae["name"] if self.vae.get("repo") else self.vae["path"]
+
+    def to_dict(self) -> dict:
+        return {"norm": self.norm.to_dict(), "vae": dict(self.vae), "resolution": self.resolution}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentSpace":
+        return cls(norm=LatentNorm.from_dict(d["norm"]), vae=dict(d["vae"]), resolution=int(d["resolution"]))
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: dict) -> "LatentSpace | None":
+        """The latent space of a checkpoint's networks; None for a model of images."""
+        return cls.from_dict(ckpt[CHECKPOINT_KEY]) if CHECKPOINT_KEY in ckpt else None
