@@ -1,13 +1,17 @@
-"""FID of a MeanFlow checkpoint (ours or the authors'), and the reference-statistics tool.
+"""FID and Inception Score of a MeanFlow checkpoint (ours or the authors'), and the reference-statistics tool.
 
     python evaluate.py --ckpt model.pth --steps 1 2 --ema all --out results.json
     torchrun --nproc_per_node 8 evaluate.py --ckpt model.pth --ema net_ema1
+    torchrun --nproc_per_node 8 evaluate.py --ckpt imagenet.pth --ref VIRTUAL_imagenet256_labeled.npz
     python evaluate.py ref --dataset cifar10 --data_path ./data
 
 Protocol: ``--fid_samples`` samples (50,000 by default) per network and number of steps, each from
-noise seeded by (seed, sample index), quantised to uint8 by rounding, against the Inception
-statistics of the whole training set (computed once and cached, or given with --ref). A checkpoint
-of a dataset whose quality figure is not FID (the digits) is scored by that figure instead.
+noise seeded by (seed, sample index) (and of class index % num_classes), quantised to uint8 by
+rounding (a latent model's: decoded by its VAE first), against the Inception statistics of the
+whole training set: computed once and cached, or given with --ref (ADM's reference batch for
+ImageNet, whose stored statistics are used). The Inception Score comes from the same Inception
+forward. A checkpoint of a dataset whose quality figure is not FID (the digits) is scored by that
+figure instead.
 """
 
 import argparse
@@ -17,14 +21,16 @@ import sys
 import torch
 
 from training.build import load_network, read_checkpoint
-from training.sampling import fid_of_network, sample_images
+from training.sampling import image_decoder, sample_images, scores_of_network
+from utils.adm_ref import load_reference
 from utils.checkpoint import available_networks, checkpoint_dataset, ema_decays
 from utils.cli import HelpFormatter, parse_model_config
 from utils.data import DATASETS, dataset_info
 from utils.distributed import cleanup, init_distributed
 from utils.errors import UserValueError, exit_on_user_error
-from utils.fid import load_stats, reference_key, reference_path, reference_stats, save_stats
-from utils.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionFeatures
+from utils.fid import reference_key, reference_path, reference_stats, save_stats
+from utils.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionFeaturesLogits
+from utils.latents import LatentSpace
 
 
 def select_networks(ckpt: dict, requested: list[str]) -> list[str]:
@@ -40,11 +46,13 @@ def select_networks(ckpt: dict, requested: list[str]) -> list[str]:
 
 
 def format_table(rows: list[dict], figure: str = "fid") -> str:
-    """Plain-text table of result rows (ema, decay, steps, and the figure)."""
-    lines = [f"{'network':<10} {'decay':>8} {'steps':>5} {figure.upper():>9}"]
+    """Plain-text table of result rows (ema, decay, steps, the figure, and the Inception Score where given)."""
+    with_is = bool(rows) and "is" in rows[0]
+    lines = [f"{'network':<10} {'decay':>8} {'steps':>5} {figure.upper():>9}" + (f" {'IS':>8}" if with_is else "")]
     for r in rows:
         decay = "-" if r["decay"] is None else f"{r['decay']:g}"
-        lines.append(f"{r['ema']:<10} {decay:>8} {r['steps']:>5} {r[figure]:>9.3f}")
+        lines.append(f"{r['ema']:<10} {decay:>8} {r['steps']:>5} {r[figure]:>9.3f}"
+                     + (f" {r['is']:>8.2f}" if with_is else ""))
     return "\n".join(lines)
 
 
@@ -58,10 +66,16 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
         config = parse_model_config(args.model_config)
         if dataset is not None and not args.ref and dataset_info(dataset).quality == "digits":
             return digits_rows(args, ckpt, names, config, env)
-        extractor = InceptionFeatures(args.inception_weights, device=env.device, download=not args.no_download)
+        if dataset is not None and not args.ref and dataset_info(dataset).reference:
+            # Statistics of our own crops of the training set would be another reference than the papers'.
+            raise UserValueError(f"{dataset} is scored against {dataset_info(dataset).reference}: download it and "
+                                 f"pass --ref FILE.npz")
+        latent = LatentSpace.of_checkpoint(ckpt)
+        decode = image_decoder(latent, vae=args.vae, device=env.device)
+        extractor = InceptionFeaturesLogits(args.inception_weights, device=env.device, download=not args.no_download)
         if args.ref:
-            ref = load_stats(args.ref)
-            ref_name = args.ref
+            reference = load_reference(args.ref)
+            ref, ref_name, about_ref = (reference.mu, reference.sigma), args.ref, reference.description
         else:
             if not dataset:
                 raise UserValueError(f"{args.ckpt} does not record its dataset: pass --dataset or --ref FILE.npz")
@@ -70,20 +84,29 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
                                   download=not args.no_download)
             ref_name = reference_path(dataset, split="train", extractor=extractor, cache_dir=args.cache_dir,
                                       data_path=args.data_path)
+            about_ref = f"statistics of the {dataset} training set, cached in {ref_name}"
+        about = dict(ref=ref_name, reference=about_ref, extractor=extractor.key)
+        if latent is not None:
+            about["vae"] = args.vae or latent.vae_name
+        if main:
+            print(f"reference: {about_ref}" + (f"; samples decoded by the VAE {about['vae']}" if latent else ""),
+                  flush=True)
         decays = ema_decays(ckpt)
         rows = []
         for name in names:
             net = load_network(ckpt, ema=name, model_config=config, device=env.device)
             for steps in args.steps:
-                fid = fid_of_network(net, ref=ref, num_samples=args.fid_samples, batch_size=args.batch_size,
-                                     img_shape=image_shape(net), seed=args.seed, steps=steps, extractor=extractor,
-                                     device=env.device, env=env, progress=main)
-                rows.append(dict(ema=name, decay=decays.get(name), steps=steps, fid=fid))
+                scores = scores_of_network(net, ref=ref, num_samples=args.fid_samples, batch_size=args.batch_size,
+                                           img_shape=image_shape(net), seed=args.seed, steps=steps,
+                                           extractor=extractor, device=env.device, env=env, progress=main,
+                                           decode=decode)
+                rows.append(dict(ema=name, decay=decays.get(name), steps=steps, **scores))
                 if main:
-                    print(f"{name} {steps}-step FID {fid:.3f}", flush=True)
+                    print(f"{name} {steps}-step FID {scores['fid']:.3f}, Inception Score {scores['is']:.2f}",
+                          flush=True)
         if main:
             print(format_table(rows))
-            write_results(args, dict(ref=ref_name, extractor=extractor.key), rows, env)
+            write_results(args, about, rows, env)
         return rows
     finally:
         cleanup()
@@ -134,7 +157,7 @@ def write_results(args: argparse.Namespace, about: dict, rows: list[dict], env) 
 def run_ref(args: argparse.Namespace) -> None:
     env = init_distributed(args.device)
     try:
-        extractor = InceptionFeatures(args.inception_weights, device=env.device, download=not args.no_download)
+        extractor = InceptionFeaturesLogits(args.inception_weights, device=env.device, download=not args.no_download)
         mu, sigma = reference_stats(args.dataset, data_path=args.data_path, split=args.split, extractor=extractor,
                                     cache_dir=args.cache_dir, env=env, batch_size=args.batch_size,
                                     download=not args.no_download)
@@ -174,10 +197,14 @@ def fid_parser() -> argparse.ArgumentParser:
                    "such as net_ema net_ema1 net")
     p.add_argument("--fid_samples", type=int, default=50000, help="generated images per FID")
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seeded by (seed, i)")
-    p.add_argument("--ref", default=None, help="reference .npz with mu, sigma (e.g. EDM's cifar10-32x32.npz); "
-                   "default: the cached statistics of the checkpoint's training set")
+    p.add_argument("--ref", default=None, help="reference statistics: ADM's reference batch (its stored mu, sigma; "
+                   "VIRTUAL_imagenet256_labeled.npz for ImageNet 256, required there), the MeanFlow JAX code's "
+                   "ref_mu/ref_sigma, or mu, sigma (e.g. EDM's cifar10-32x32.npz); default: the cached statistics "
+                   "of the checkpoint's training set")
     p.add_argument("--dataset", default=None, choices=list(DATASETS),
                    help="dataset of the reference statistics (default: the checkpoint's)")
+    p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes the samples, mse, ema or "
+                   "a local folder, instead of the one the checkpoint names (default: that one)")
     p.add_argument("--model_config", default=None, help="SongUNet kwargs as JSON for checkpoints without a config")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     _add_common(p)
@@ -191,7 +218,9 @@ def ref_parser() -> argparse.ArgumentParser:
         "<cache_dir>/<dataset>-<split>-<extractor>.npz.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="dataset")
+    # Latent datasets are scored against published statistics (evaluate.py --ref), not against our own.
+    p.add_argument("--dataset", required=True, choices=[n for n, d in DATASETS.items() if not d.latent],
+                   help="dataset")
     p.add_argument("--split", default="train", choices=["train", "test"], help="split (FID uses train)")
     p.add_argument("--out", default=None, help="also write the statistics to this .npz")
     _add_common(p)

@@ -4,24 +4,28 @@
     torchrun --nproc_per_node 8 sample.py --ckpt model.pth --num_samples 50000 --ema net_ema1 --out samples.npz
 
     python sample.py --ckpt output/digits-cond/checkpoint-last.pth --num_samples 200 --out s.npz --grid g.png
+    torchrun --nproc_per_node 8 sample.py --ckpt output/imagenet256-xl2/checkpoint-last.pth --num_samples 50000 \
+        --out in256.npz                    # latents decoded by the VAE that the checkpoint names: 256x256 images
 
 The .npz holds N x H x W x C uint8 images under ``arr_0`` (the ADM/EDM evaluators' format), and for a
 class-conditional checkpoint their class indices under ``arr_1`` (the ADM convention): sample i takes
 ``--class_labels[i % K]``, by default class i % num_classes (balanced); its grid has one row per class. Sample i
 comes from noise seeded by (seed, i), so the noise does not depend on batch size or process count
 (the images are then equal up to the floating-point differences of kernels chosen per batch size).
+A latent model's samples are decoded to images by the VAE its checkpoint names (--vae: another copy).
 """
 
 import argparse
 
 import torch
 
-from training.build import load_network
-from training.sampling import sample_images
+from training.build import load_network, read_checkpoint
+from training.sampling import image_decoder, sample_images
 from utils.cli import HelpFormatter, parse_model_config
 from utils.distributed import cleanup, init_distributed
 from utils.errors import UserValueError, exit_on_user_error
 from utils.images import class_rows, save_grid, save_npz
+from utils.latents import LatentSpace
 from utils.sampling import class_indices
 
 
@@ -48,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_config", default=None,
                    help="SongUNet kwargs as JSON (or a JSON file) for checkpoints without a stored config; "
                    "inferred from the weights when omitted")
+    p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes the samples, mse, ema or "
+                   "a local folder, instead of the one the checkpoint names (default: that one)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     args = p.parse_args(argv)
     if not args.out and not args.grid:
@@ -61,9 +67,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     env = init_distributed(args.device)
     try:
-        net = load_network(args.ckpt, ema=args.ema, model_config=parse_model_config(args.model_config),
-                           device=env.device)
+        ckpt = read_checkpoint(args.ckpt)
+        net = load_network(ckpt, ema=args.ema, model_config=parse_model_config(args.model_config), device=env.device)
         shape = (net.in_channels, net.img_resolution, net.img_resolution)
+        decode = image_decoder(LatentSpace.of_checkpoint(ckpt), vae=args.vae, device=env.device)
         try:
             labels = class_indices(net, torch.arange(args.num_samples), args.class_labels)
         except ValueError as err:
@@ -71,7 +78,7 @@ def main(argv=None) -> None:
         images = sample_images(
             net, num_samples=args.num_samples, img_shape=shape, seed=args.seed, steps=args.steps,
             batch_size=args.batch_size, device=env.device, env=env, progress=env.rank == 0,
-            classes=args.class_labels,
+            classes=args.class_labels, decode=decode,
         )
         if env.rank == 0:
             if args.out:

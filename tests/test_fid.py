@@ -37,6 +37,14 @@ class FakeExtractor:
         return torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1)
 
 
+class FakeExtractorLogits(FakeExtractor):
+    """FakeExtractor's features, and 3 class logits from the same call: the features of each channel summed."""
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self(images)
+        return features, features.view(-1, 3, 4).sum(-1) / 100
+
+
 def toy_net(z, t, h, aug_cond=None):
     """A fixed smooth map standing in for a network: u depends on z and on t, h."""
     return 0.6 * z + 0.2 * torch.sin(3 * z) * (t + h).view(-1, 1, 1, 1)
@@ -153,23 +161,28 @@ def _fid_worker(rank: int, port: int, out_dir: str, ref: tuple) -> None:
         calls = []
         distance = sampling.frechet_distance
         sampling.frechet_distance = lambda *args, **kwargs: calls.append(1) or distance(*args, **kwargs)
-        value = sampling.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=4, img_shape=(3, 4, 4), seed=2,
-                                        steps=2, extractor=FakeExtractor(), env=env, progress=False)
-        np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array([value, len(calls)]))
+        scores = sampling.scores_of_network(toy_net, ref=ref, num_samples=33, batch_size=4, img_shape=(3, 4, 4),
+                                            seed=2, steps=2, extractor=FakeExtractorLogits(), env=env, progress=False)
+        np.save(os.path.join(out_dir, f"fid{rank}.npy"), np.array([scores["fid"], scores["is"], len(calls)]))
     finally:
         cleanup()
 
 
 @pytest.mark.slow
-def test_fid_two_gloo_processes_equal_one(tmp_path):
+def test_fid_and_inception_score_two_gloo_processes_equal_one(tmp_path):
     ref = fid.dataset_stats(torch.rand(50, 3, 4, 4) * 2 - 1, extractor=FakeExtractor(), progress=False)
-    single = sampling.fid_of_network(toy_net, ref=ref, num_samples=33, batch_size=10, img_shape=(3, 4, 4), seed=2,
-                                     steps=2, extractor=FakeExtractor(), progress=False)
+    kw = dict(ref=ref, num_samples=33, img_shape=(3, 4, 4), seed=2, steps=2, progress=False)
+    single = sampling.scores_of_network(toy_net, batch_size=10, extractor=FakeExtractorLogits(), **kw)
+    assert single["fid"] == sampling.fid_of_network(toy_net, batch_size=10, extractor=FakeExtractor(), **kw)
+    # The Inception Score of the logits of the same images, in sample order, in 10 splits.
+    images = sampling.sample_images(toy_net, num_samples=33, img_shape=(3, 4, 4), seed=2, steps=2)
+    expected = inception.inception_score(FakeExtractorLogits().features_and_logits(images)[1], splits=10)
+    assert (single["is"], single["is_std"]) == pytest.approx(expected, rel=1e-12) and single["is"] > 1
     mp.spawn(_fid_worker, args=(free_port(), str(tmp_path), ref), nprocs=2, join=True)
-    values, calls = zip(*(np.load(tmp_path / f"fid{r}.npy") for r in range(2)))
-    assert values[0] == values[1]
+    values, scores, calls = zip(*(np.load(tmp_path / f"fid{r}.npy") for r in range(2)))
+    assert values[0] == values[1] and scores[0] == scores[1]
     assert calls == (1, 0)  # the distance is taken on rank 0 only
-    assert values[0] == pytest.approx(single, rel=1e-9)
+    assert values[0] == pytest.approx(single["fid"], rel=1e-9) and scores[0] == pytest.approx(single["is"], rel=1e-9)
 
 
 # ---------------------------------------------------------------- reference statistics cache
@@ -338,7 +351,7 @@ def test_evaluate_cli_table_json_and_ref_tool(fixtures_dir, tmp_path, monkeypatc
 
     import evaluate
 
-    monkeypatch.setattr(evaluate, "InceptionFeatures", lambda *a, **k: FakeExtractor())
+    monkeypatch.setattr(evaluate, "InceptionFeaturesLogits", lambda *a, **k: FakeExtractorLogits())
     real = torch.randint(0, 256, (20, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     monkeypatch.setattr(fid, "load_dataset", lambda *a, **k: real)
     common = ["--data_path", str(tmp_path), "--device", "cpu", "--batch_size", "4"]
@@ -351,8 +364,10 @@ def test_evaluate_cli_table_json_and_ref_tool(fixtures_dir, tmp_path, monkeypatc
     rows = evaluate.main(["--ckpt", str(fixtures_dir / "official_unet_small.pt"), "--fid_samples", "6",
                           "--steps", "1", "2", "--ema", "all", "--dataset", "mnist", "--out", str(out)] + common)
     assert [(r["ema"], r["steps"]) for r in rows] == [(n, s) for n in ("net_ema", "net_ema1", "net_ema2") for s in (1, 2)]
-    assert json.loads(out.read_text())["results"] == rows
-    assert "net_ema1" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"] == rows and all(r["is"] >= 1 for r in rows)
+    assert json.loads(out.read_text())["reference"] == f"statistics of the mnist training set, cached in {cached}"
+    printed = capsys.readouterr().out
+    assert "net_ema1" in printed and "reference: statistics of the mnist training set" in printed
 
     # --ref takes a file in EDM's layout as it is; selected networks only.
     np.savez(tmp_path / "edm.npz", mu=np.zeros(12), sigma=np.eye(12))
@@ -381,7 +396,7 @@ def test_evaluate_cli_user_error_is_one_line(fixtures_dir, tmp_path):
 
 def test_evaluate_cli_unknown_ema_and_programming_error(fixtures_dir, tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "edm.npz", mu=np.zeros(12), sigma=np.eye(12))
-    monkeypatch.setattr(inception, "InceptionFeatures", lambda *a, **k: FakeExtractor())
+    monkeypatch.setattr(inception, "InceptionFeaturesLogits", lambda *a, **k: FakeExtractorLogits())
     argv = ["evaluate.py", "--ckpt", str(fixtures_dir / "official_unet_small.pt"), "--fid_samples", "4",
             "--ref", str(tmp_path / "edm.npz"), "--device", "cpu"]
     monkeypatch.setattr(sys, "argv", argv + ["--ema", "net_ema7"])
@@ -393,7 +408,7 @@ def test_evaluate_cli_unknown_ema_and_programming_error(fixtures_dir, tmp_path, 
     def broken(*args, **kwargs):
         raise TypeError("a bug, not a user error")
 
-    monkeypatch.setattr(sampling, "fid_of_network", broken)
+    monkeypatch.setattr(sampling, "scores_of_network", broken)
     monkeypatch.setattr(sys, "argv", argv + ["--ema", "net"])
     with pytest.raises(TypeError, match="a bug"):  # propagates: Python prints its traceback
         runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")

@@ -1,10 +1,11 @@
-"""Latent ImageNet in training: the imagenet256-latent entry, the training step's latent draw and the network's
-normalization, exact resume and process-count independence of a latent run, on the fake ImageFolder of
-test_latents.py.
+"""Latent ImageNet from the dataset table to evaluate.py: the imagenet256-latent entry, the training step's
+latent draw and the network's normalization, exact resume and process-count independence of a latent run,
+then prepare_latents.py -> train.py -> sample.py -> evaluate.py on the fake ImageFolder of test_latents.py.
 
 The fake tree's crops are 64 pixels and the tiny VAE halves them once, so its latents have the shape of
-ImageNet 256's in the SD VAE (4 x 32 x 32) and train on the real table entry.
+ImageNet 256's in the SD VAE (4 x 32 x 32) and train on the real table entry; decoding gives 64x64 images.
 """
+import json
 import os
 
 import numpy as np
@@ -12,18 +13,26 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import evaluate
+import meanflow
 import prepare_latents
+import sample
 import train
 from conftest import free_port
+from test_fid import FakeExtractorLogits
 from test_latents import _argv, image_root, vae_dir  # noqa: F401 - fixtures
-from training.build import build_trainer
+from training.build import build_trainer, load_network
 from training.resume import checkpoint_state, load_state
 from training.step import draw_batch, train_step
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data import DATASETS, batch_indices, make_generator, open_dataset
 from utils.distributed import cleanup, init_distributed
-from utils.errors import UserFileError
+from utils.errors import UserFileError, exit_on_user_error
+from utils.fid import FeatureStats
+from utils.imagefolder import list_image_folder, load_image
 from utils.latents import IMF_NORM, SD_SCALE, LatentDataset, LatentSpace, shard_path
+from utils.sampling import sample_noise
+from utils.vae import decode, load_vae
 
 CROP = 64
 # A tiny class-conditional DiT with the papers' guidance on the latents; lr high enough that the weights move.
@@ -112,3 +121,62 @@ def test_latent_run_resumes_exactly_and_two_processes_train_what_one_does(latent
                        start_method="fork")
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert max((v.double() - two[k].double()).abs().max().item() for k, v in expected.items()) <= 1e-6
+
+
+def _adm_reference(path, root, extractor) -> None:
+    """An ADM-format reference batch of the fake tree's crops: the images, and the statistics of their features."""
+    _, samples = list_image_folder(root)
+    images = torch.stack([load_image(p, CROP) for p, _ in samples])
+    stats = FeatureStats()
+    stats.add_images(images, extractor)
+    mu, sigma = stats.mean_cov()
+    np.savez(path, arr_0=images.permute(0, 2, 3, 1).numpy(), mu=mu, sigma=sigma, mu_s=mu[:3], sigma_s=np.eye(3))
+
+
+def _error_line(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop, exit_on_user_error():
+        main(argv)
+    assert stop.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum("error" in line for line in lines) == 1
+    return lines[-1]
+
+
+@pytest.mark.slow
+def test_prepare_train_sample_evaluate_on_the_fake_tree(latents, image_root, vae_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                        capsys):
+    run = tmp_path / "run"
+    assert train.main([*RUN, "--data_path", str(latents), "--output_dir", str(run), "--batch_size", "4",
+                       "--max_steps", "2"]) == 0
+    ckpt = run / "checkpoint-last.pth"
+    assert list((run / "samples").glob("step00000002_net_ema.png"))  # grids of decoded samples
+
+    # sample.py: images of the crops' size, balanced classes; sample i is the VAE's decoding of the
+    # network's sample of (seed, i) with its normalization undone.
+    sample.main(["--ckpt", str(ckpt), "--num_samples", "6", "--out", str(tmp_path / "s.npz"), "--grid",
+                 str(tmp_path / "g.png"), "--device", "cpu"])
+    with np.load(tmp_path / "s.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (6, CROP, CROP, 3) and images.dtype == np.uint8 and labels.tolist() == list(range(6))
+    net = load_network(ckpt, ema="net_ema")
+    z = meanflow.sample(net, sample_noise(0, torch.arange(6), (4, 32, 32)), labels=torch.arange(6))
+    expected = decode(load_vae(str(vae_dir)), z / 0.18215).permute(0, 2, 3, 1).numpy()
+    assert np.abs(images.astype(int) - expected).max() <= 1  # a rounding boundary apart at most
+
+    # evaluate.py: FID against an ADM-format reference batch of the fake tree, and IS from the same forward.
+    extractor = FakeExtractorLogits()
+    monkeypatch.setattr(evaluate, "InceptionFeaturesLogits", lambda *a, **k: extractor)
+    _adm_reference(tmp_path / "ref.npz", image_root, extractor)
+    common = ["--ckpt", str(ckpt), "--ema", "net_ema", "--fid_samples", "10", "--device", "cpu"]
+    rows = evaluate.main([*common, "--ref", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "r.json")])
+    assert [(r["ema"], r["steps"]) for r in rows] == [("net_ema", 1)] and rows[0]["fid"] > 0 and rows[0]["is"] >= 1
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["reference"].startswith("ADM reference batch ref.npz: its stored mu/sigma")
+    assert result["vae"] == str(vae_dir.resolve())
+    assert "samples decoded by the VAE" in capsys.readouterr().out
+
+    # Without --ref, the line names ADM's file; a VAE that is not there names --vae.
+    assert "VIRTUAL_imagenet256_labeled.npz" in _error_line(evaluate.main, common, capsys)
+    line = _error_line(sample.main, ["--ckpt", str(ckpt), "--out", str(tmp_path / "x.npz"), "--device", "cpu",
+                                     "--vae", str(tmp_path / "no-vae")], capsys)
+    assert "the samples are latents of the VAE" in line and "--vae" in line

@@ -91,7 +91,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
     evaluate = Evaluator(model=trainer.model, env=env, img_shape=trainer.img_shape, dataset=cfg.dataset,
                          data_path=cfg.data_path, seed=cfg.seed, compute_fid=cfg.compute_fid, fid_samples=fid_samples,
                          batch_size=cfg.batch_per_process, inception_weights=inception_weights, out=out,
-                         writer=writer, log=log)
+                         writer=writer, log=log, latent=trainer.latent)
     if cfg.eval_only:
         evaluate(step)
         _close(writer)

@@ -1,21 +1,49 @@
-"""Samples of a network, indexed (utils/sampling.py): generated in batches, gathered over processes, and FID.
+"""Samples of a network, indexed (utils/sampling.py): generated in batches, decoded to images, gathered over
+processes, and their FID and Inception Score.
 
 Sample i comes from noise seeded by (seed, i) and, for a class-conditional network, asks for class
 i % num_classes (or the i-th of given classes), so a set of samples does not depend on batch size
-or process count. ``env`` below is the process environment (a utils.distributed.DistEnv; every
-rank calls the function) or None for a single process.
+or process count. A latent model's samples are decoded by its VAE (image_decoder). ``env`` below is
+the process environment (a utils.distributed.DistEnv; every rank calls the function) or None for a
+single process.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed
 
 import meanflow
+from utils.errors import UserError
 from utils.fid import FeatureStats, frechet_distance, from_rank0, is_rank0, on_every_rank, progress_bar
-from utils.inception import Extractor
+from utils.inception import Extractor, inception_score
+from utils.latents import LatentSpace
 from utils.sampling import class_indices, sample_noise, shard, to_uint8
+from utils.vae import decode, load_vae
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+IS_SPLITS = 10  # ADM's: 50,000 samples in splits of 5,000
+
+
+def image_decoder(latent: LatentSpace | None, *, vae: str | None = None, device: str | torch.device = "cpu",
+                  batch_size: int = 32) -> Decoder:
+    """How a network's samples (float [B, C, H, W]) become uint8 images [B, 3 | C, H', W'].
+
+    A model of images: to_uint8. A latent model (latent: its LatentSpace, LatentSpace.of_checkpoint(ckpt)):
+    the network's normalization undone, then the VAE's decoder on `device`, `batch_size` latents at a
+    time, quantised as to_uint8 quantises (utils.vae.decode). vae: "mse", "ema" or a local folder to
+    use instead of the VAE the checkpoint names (a machine without it). A VAE that cannot be loaded is
+    a UserError naming --vae.
+    """
+    if latent is None:
+        return to_uint8
+    name = vae or latent.vae_name
+    try:
+        model = load_vae(name, device=device)
+    except UserError as e:
+        raise type(e)(f"the samples are latents of the VAE {name}, which decodes them: {e}") from e
+    return lambda x: decode(model, latent.norm.denormalize(x), batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -29,11 +57,13 @@ def generate(
     batch_size: int = 250,
     device: str | torch.device = "cpu",
     classes=None,
+    decode: Decoder = to_uint8,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (batch indices [b], uint8 images [b, C, H, W]) of the samples ``indices``.
 
-    Sample i is ``meanflow.sample(net, sample_noise(seed, [i]), steps)`` quantised by ``to_uint8``;
-    for a class-conditional net with the class ``class_indices(net, [i], classes)``.
+    Sample i is ``decode(meanflow.sample(net, sample_noise(seed, [i]), steps))``; for a class-conditional
+    net with the class ``class_indices(net, [i], classes)``. img_shape: the network's (C, H, W), the
+    latents' for a latent model; decode: image_decoder's function (default: to_uint8, for images).
     ``net`` should be in eval mode.
     """
     if batch_size < 1:
@@ -43,7 +73,19 @@ def generate(
         labels = class_indices(net, batch, classes)
         if labels is not None:
             labels = labels.to(device)
-        yield batch, to_uint8(meanflow.sample(net, noise, steps=steps, labels=labels))
+        yield batch, decode(meanflow.sample(net, noise, steps=steps, labels=labels))
+
+
+def _gather(local: torch.Tensor, env) -> torch.Tensor:
+    """Rank 0: every rank's rows concatenated in rank order, which is sample order (shards are contiguous);
+    the other ranks: their own rows."""
+    if env is None or env.world_size <= 1:
+        return local
+    gathered = [None] * env.world_size if env.rank == 0 else None
+    torch.distributed.gather_object(local.numpy(), gathered, dst=0)
+    if env.rank != 0:
+        return local
+    return torch.from_numpy(np.concatenate([part for part in gathered if len(part)]))
 
 
 def sample_images(
@@ -58,10 +100,12 @@ def sample_images(
     env=None,
     progress: bool = False,
     classes=None,
+    decode: Decoder = to_uint8,
 ) -> torch.Tensor:
-    """uint8 [N, C, H, W] samples 0..N-1 of ``net``; with ``env`` (a DistEnv) each rank draws its share
-    and rank 0 returns all of them (the other ranks return their own share). classes: see
-    ``utils.sampling.class_indices`` (sample i of a class-conditional net takes classes[i % K])."""
+    """uint8 [N, C, H, W] samples 0..N-1 of ``net``, decoded by ``decode`` (see generate); with ``env``
+    (a DistEnv) each rank draws its share and rank 0 returns all of them (the other ranks return their
+    own share). classes: see ``utils.sampling.class_indices`` (sample i of a class-conditional net
+    takes classes[i % K])."""
     from tqdm.auto import tqdm
 
     indices = shard(num_samples, env)
@@ -69,22 +113,15 @@ def sample_images(
     with tqdm(total=len(indices), desc=f"{steps}-step samples", unit="img", disable=not progress) as bar:
         for batch, images in generate(
             net, indices, seed=seed, img_shape=img_shape, steps=steps, batch_size=batch_size, device=device,
-            classes=classes,
+            classes=classes, decode=decode,
         ):
             parts.append(images.cpu())
             bar.update(len(batch))
-    local = torch.cat(parts) if parts else torch.empty((0, *img_shape), dtype=torch.uint8)
-    if env is None or env.world_size <= 1:
-        return local
-    gathered = [None] * env.world_size if env.rank == 0 else None
-    torch.distributed.gather_object(local.numpy(), gathered, dst=0)
-    if env.rank != 0:
-        return local
-    # Shares are contiguous and in rank order, so concatenation restores sample order.
-    return torch.from_numpy(np.concatenate(gathered))
+    local = torch.cat(parts) if parts else decode(torch.empty((0, *img_shape), device=device)).cpu()
+    return _gather(local, env)
 
 
-def fid_of_network(
+def scores_of_network(
     net,
     *,
     ref: tuple[np.ndarray, np.ndarray],
@@ -97,30 +134,41 @@ def fid_of_network(
     device: str | torch.device = "cpu",
     env=None,
     progress: bool = True,
-) -> float:
-    """FID of ``num_samples`` samples of ``net`` (``steps``-step MeanFlow sampler) against ``ref``.
+    decode: Decoder = to_uint8,
+) -> dict:
+    """FID of ``num_samples`` samples of ``net`` (``steps``-step MeanFlow sampler, ``decode``d to images)
+    against ``ref`` = (mu, sigma), and their Inception Score when the extractor also gives class logits
+    from the same forward (``features_and_logits``, utils.inception.InceptionFeaturesLogits):
+    {"fid": float} or {"fid", "is", "is_std"}. IS is taken over IS_SPLITS splits of consecutive samples
+    (fewer when there are fewer samples), as ADM's evaluator takes it.
 
     With ``env`` (a DistEnv, every rank calls this) the samples are split over the ranks;
-    ``batch_size`` is per rank. Noise is seeded per sample, so the value does not depend on
+    ``batch_size`` is per rank. Noise is seeded per sample, so the values do not depend on
     batch size or world size (up to floating-point differences between kernels). The network
-    is put in eval mode for the call. Every rank returns the same value, computed on rank 0 on
+    is put in eval mode for the call. Every rank returns the same values, computed on rank 0 on
     ``device``.
     """
     if num_samples < 2:
         raise ValueError(f"num_samples={num_samples} must be >= 2")
+    features_and_logits = getattr(extractor, "features_and_logits", None)
     was_training = getattr(net, "training", False)
     if was_training:
         net.eval()
-    stats = FeatureStats()
+    stats, logits = FeatureStats(), []
     world = 1 if env is None else env.world_size
     try:
         with progress_bar(num_samples, f"FID {steps}-step", progress and is_rank0(env)) as bar:
             batches = generate(
                 net, shard(num_samples, env), seed=seed, img_shape=img_shape, steps=steps,
-                batch_size=batch_size, device=device,
+                batch_size=batch_size, device=device, decode=decode,
             )
             for batch, images in batches:
-                stats.add_images(images, extractor)
+                if features_and_logits is None:
+                    stats.add_images(images, extractor)
+                else:
+                    features, scores = features_and_logits(images.expand(-1, 3, -1, -1).contiguous())
+                    stats.add(features)
+                    logits.append(scores.float().cpu())
                 bar.update(len(batch) * world)
     finally:
         if was_training:
@@ -128,5 +176,16 @@ def fid_of_network(
     stats.all_reduce(env)
     # Rank 0 alone takes the distance (two 2048-d eigendecompositions); the others receive it.
     value = on_every_rank(lambda: frechet_distance(*stats.mean_cov(), *ref, device=device)
-                           if is_rank0(env) else 0.0, env)
-    return from_rank0(value, env)
+                          if is_rank0(env) else 0.0, env)
+    result = {"fid": from_rank0(value, env)}
+    if features_and_logits is not None:
+        every = _gather(torch.cat(logits) if logits else torch.empty((0, 0)), env)
+        mean, std = on_every_rank(lambda: inception_score(every, splits=min(IS_SPLITS, num_samples))
+                                  if is_rank0(env) else (0.0, 0.0), env)
+        result.update({"is": from_rank0(mean, env), "is_std": from_rank0(std, env)})
+    return result
+
+
+def fid_of_network(net, *, ref: tuple[np.ndarray, np.ndarray], num_samples: int, **kwargs) -> float:
+    """FID of ``num_samples`` samples of ``net`` against ``ref``: scores_of_network's, with its arguments."""
+    return scores_of_network(net, ref=ref, num_samples=num_samples, **kwargs)["fid"]
