@@ -24,6 +24,7 @@ from training.step import train_step
 from utils import data as data_utils
 from utils.distributed import init_distributed
 from utils.errors import UserFileError, UserValueError
+from utils.latents import SD_SCALE, LatentSpace
 
 # Parameters of their JAX DiT (counted with jax.eval_shape on their models_dit.py) and the paper's table.
 JAX_PARAMS = {"B/4": 131_165_248, "B/2": 131_091_472, "M/2": 308_019_216, "L/2": 459_137_040, "XL/2": 676_440_592}
@@ -240,6 +241,8 @@ def test_load_network_of_their_converted_checkpoint_samples_their_sample(jax_sma
     meta = jax_small["meta"]["dit"]
     read = {"params": jax_small["param"], "ema_params": halved(jax_small["param"])}
     ckpt = checkpoint_from_flax(read, img_resolution=meta["input_size"], num_heads=meta["num_heads"])
+    space = LatentSpace.of_checkpoint(ckpt)  # sample.py decodes their samples: sd-vae-ft-mse after / 0.18215
+    assert space.norm == SD_SCALE and space.vae_name == "mse" and space.resolution == 8 * meta["input_size"]
     torch.save(ckpt, tmp_path / "converted.pth")
     for source in (ckpt, tmp_path / "converted.pth"):
         net = load_network(source, ema="net")

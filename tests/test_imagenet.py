@@ -64,10 +64,18 @@ def test_latent_entries_open_folders_of_their_shape(latents, tmp_path):
         open_dataset("imagenet256-latent", tmp_path)
 
 
-@pytest.mark.parametrize("arch, norm", [("dit", SD_SCALE), ("imf_dit", IMF_NORM)])
-def test_step_draws_the_networks_normalization_of_a_keyed_posterior_sample(latents, arch, norm):
+# iMF's objective and network; its (t, r) draws are one logit-normal's.
+IMF = ["--objective", "imf", "--arch", "imf_dit", "--tr_sampler", "v0", "--P_mean_t", "-0.4", "--P_std_t", "1",
+       "--P_mean_r", "-0.4", "--P_std_r", "1"]
+
+
+@pytest.mark.parametrize("network, norm", [(["--arch", "dit"], SD_SCALE), (IMF, IMF_NORM)])
+def test_step_draws_the_networks_normalization_of_a_keyed_posterior_sample(latents, network, norm):
     """x of step 3 = norm((mean + std * eps) of the drawn view), from the shard files and the keyed draws."""
-    trainer = build_trainer(_config(latents, "--arch", arch, "--flip", "--batch_size", "6"), init_distributed("cpu"))
+    cfg = train.resolve_config(["--dataset", "imagenet256-latent", "--data_path", str(latents), *network,
+                                "--model_size", "XS/2", "--class_cond", "--flip", "--batch_size", "6",
+                                "--output_dir", "", "--device", "cpu", "--not_compile"])
+    trainer = build_trainer(cfg, init_distributed("cpu"))
     assert trainer.flip and trainer.latent.norm == norm and trainer.latent.resolution == CROP
     step, seed = 3, 0
     idx = batch_indices(seed, 0, 30, 6, step).tolist()
@@ -145,9 +153,10 @@ def _error_line(main, argv, capsys) -> str:
 @pytest.mark.slow
 def test_prepare_train_sample_evaluate_on_the_fake_tree(latents, image_root, vae_dir, tmp_path, monkeypatch,  # noqa: F811
                                                         capsys):
+    # The authors' ImageNet recipe as the preset sets it, with a tiny DiT and batch.
     run = tmp_path / "run"
-    assert train.main([*RUN, "--data_path", str(latents), "--output_dir", str(run), "--batch_size", "4",
-                       "--max_steps", "2"]) == 0
+    assert train.main(["--preset", "imagenet256-b4", "--model_size", "XS/2", "--batch_size", "4", "--max_steps", "2",
+                       "--data_path", str(latents), "--output_dir", str(run), "--device", "cpu", "--not_compile"]) == 0
     ckpt = run / "checkpoint-last.pth"
     assert list((run / "samples").glob("step00000002_net_ema.png"))  # grids of decoded samples
 

@@ -19,7 +19,8 @@ from utils.augment import AugmentPipe
 from utils.checkpoint import available_networks, load_checkpoint, model_state
 from utils.distributed import DistEnv, GradSync, barrier
 from utils.errors import UserFileError, UserValueError
-from utils.latents import NORMS, LatentSpace
+from utils.latents import CHECKPOINT_KEY, NORMS, LatentDataset, LatentSpace
+from utils.vae import vae_source
 
 
 def build_method(cfg: TrainConfig) -> meanflow.MeanFlow | meanflow.ImprovedMeanFlow:
@@ -114,7 +115,9 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, data: data_utils.ImageData | N
     spec, model_config = network_config(cfg)
     info = data_utils.dataset_info(cfg.dataset)
     latent = None
-    if info.latent:  # the network's own normalization, and what decodes its samples (recorded in checkpoints)
+    # The network's own normalization, and what decodes its samples (recorded in checkpoints). bench.py's
+    # synthetic latents (an ImageData, no VAE) train as plain arrays: the normalization costs nothing to time.
+    if isinstance(data, LatentDataset):
         latent = LatentSpace(norm=NORMS[spec.latent_norm], vae=data.description["vae"],
                              resolution=data.description["resolution"])
     with torch.random.fork_rng(devices=[]):
@@ -146,13 +149,17 @@ FLAX_NETWORKS = {"net": "params", "net_ema": "ema_params"}
 def checkpoint_from_flax(read: dict[str, dict], *, img_resolution: int = 32, num_heads: int | None = None) -> dict:
     """The authors' JAX DiT checkpoint, as models.dit_convert.read_flax_checkpoint returns it, as a
     checkpoint of ours: the DiT's config, their params as network "net", their ema_params as "net_ema".
-    img_resolution, num_heads: what their weights do not tell (state_dict_from_flax)."""
+    img_resolution, num_heads: what their weights do not tell (state_dict_from_flax). Their DiT trains on
+    sd-vae-ft-mse's latents times 0.18215 (their vae_util.py), which the "latent" entry records, so that
+    sample.py and evaluate.py decode its samples to images of 8 x img_resolution pixels."""
     model = {}
     for name, key in FLAX_NETWORKS.items():
         config, state_dict = dit_convert.state_dict_from_flax(read[key], img_resolution=img_resolution,
                                                               num_heads=num_heads)
         model.update({f"{name}.{k}": v for k, v in state_dict.items()})
-    return {"model": model, "network": "dit", "model_config": config}
+    latent = LatentSpace(norm=NORMS["sd-scale"], vae={**vae_source("mse"), "scaling_factor": 0.18215},
+                         resolution=8 * img_resolution)
+    return {"model": model, "network": "dit", "model_config": config, CHECKPOINT_KEY: latent.to_dict()}
 
 
 def read_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
