@@ -13,6 +13,7 @@ is scored by
 The held-out real digits, scored the same way with as many samples, show what "good" reads as.
 """
 
+import functools
 import warnings
 
 import numpy as np
@@ -30,19 +31,27 @@ def _pixels(images: torch.Tensor) -> np.ndarray:
     return images.reshape(len(images), -1).cpu().numpy().astype(np.float64) / 255.0
 
 
+@functools.lru_cache(maxsize=2)
+def _fitted_classifier(seed: int, hidden: int):
+    """The classifier, fitted once per process and settings (a few seconds; it only predicts afterwards)."""
+    from sklearn.neural_network import MLPClassifier
+    train_split = open_dataset("digits", train=True)
+    classifier = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=150, random_state=seed)
+    with warnings.catch_warnings():  # 150 epochs reach ~97% held-out accuracy; ignore "not converged"
+        warnings.simplefilter("ignore")
+        classifier.fit(_pixels(train_split.images), train_split.labels.numpy())
+    return classifier
+
+
 class DigitsQuality:
     """Scores sets of 8x8 digit images against the training digits (see the module docstring)."""
 
     def __init__(self, seed: int = 0, hidden: int = 64):
-        from sklearn.neural_network import MLPClassifier
         train_split, held_out = open_dataset("digits", train=True), open_dataset("digits", train=False)
         train = _pixels(train_split.images)
         self.held_out = held_out.images
         self.count = len(self.held_out)
-        self.classifier = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=150, random_state=seed)
-        with warnings.catch_warnings():  # 150 epochs reach ~97% held-out accuracy; ignore "not converged"
-            warnings.simplefilter("ignore")
-            self.classifier.fit(train, train_split.labels.numpy())
+        self.classifier = _fitted_classifier(seed, hidden)
         self.accuracy = float(self.classifier.score(_pixels(self.held_out), held_out.labels.numpy()))
         hidden_train = self._hidden(train)
         # Units that never fire on the data would make the covariances singular.
