@@ -4,12 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Two cores on CI: one thread per test process keeps timings predictable.
+# Two cores on CI, one test process per core (pytest -n 2): one thread each, for torch and for the
+# BLAS under numpy and scipy, which would otherwise start a thread per core in every process.
 torch.set_num_threads(1)
+threadpool_limits(1)
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
