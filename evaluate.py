@@ -27,7 +27,7 @@ from training.build import load_network, read_checkpoint, sampling_guidance
 from training.sampling import image_decoder, sample_images, scores_of_network
 from utils.adm_ref import load_reference
 from utils.checkpoint import available_networks, checkpoint_dataset, ema_decays
-from utils.cli import HelpFormatter, parse_model_config
+from utils.cli import HelpFormatter, add_guidance_flags, parse_model_config
 from utils.data import DATASETS, dataset_info
 from utils.distributed import cleanup, init_distributed
 from utils.errors import UserValueError, exit_on_user_error
@@ -230,13 +230,7 @@ def fid_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes the samples, mse, ema or "
                    "a local folder, instead of the one the checkpoint names (default: that one)")
     p.add_argument("--model_config", default=None, help="SongUNet kwargs as JSON for checkpoints without a config")
-    p.add_argument("--omega", type=float, nargs="+", default=None, metavar="W",
-                   help="iMF networks: the guidance scale (1: none); several values: a row each (default: the "
-                   "checkpoint's, or the authors' for their sizes and number of steps)")
-    p.add_argument("--t_min", type=float, nargs="+", default=None, metavar="T",
-                   help="iMF networks: start of the guidance interval (several values: a row each)")
-    p.add_argument("--t_max", type=float, nargs="+", default=None, metavar="T",
-                   help="iMF networks: end of the guidance interval (several values: a row each)")
+    add_guidance_flags(p, each="a row each")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     _add_common(p)
     return p

@@ -26,7 +26,7 @@ import torch
 
 from training.build import load_network, read_checkpoint, sampling_guidance
 from training.sampling import Guidance, image_decoder, sample_images
-from utils.cli import HelpFormatter, parse_model_config
+from utils.cli import HelpFormatter, add_guidance_flags, parse_model_config
 from utils.distributed import cleanup, init_distributed
 from utils.errors import UserValueError, exit_on_user_error
 from utils.images import class_rows, save_grid, save_npz
@@ -36,7 +36,7 @@ from utils.sampling import class_indices
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Sample a MeanFlow checkpoint (ours or the authors' CIFAR-10 release). "
+        description="Sample a MeanFlow checkpoint (ours, the authors' CIFAR-10 release, or the iMF authors' iMF-*.pth). "
         "Run with torchrun to split the samples over processes.",
         formatter_class=HelpFormatter,
     )
@@ -59,13 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "inferred from the weights when omitted")
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes the samples, mse, ema or "
                    "a local folder, instead of the one the checkpoint names (default: that one)")
-    p.add_argument("--omega", type=float, nargs="+", default=None, metavar="W",
-                   help="iMF networks: the guidance scale (1: none); several values sample each (default: the "
-                   "checkpoint's, or the authors' for their sizes: B/2 8.0, M/2 and L/2 10.5, XL/2 8.0 (2 steps: 4.0))")
-    p.add_argument("--t_min", type=float, nargs="+", default=None, metavar="T",
-                   help="iMF networks: start of the guidance interval (several values: each)")
-    p.add_argument("--t_max", type=float, nargs="+", default=None, metavar="T",
-                   help="iMF networks: end of the guidance interval (several values: each)")
+    add_guidance_flags(p, each="a file each")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     args = p.parse_args(argv)
     if not args.out and not args.grid:
