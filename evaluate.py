@@ -3,6 +3,8 @@
     python evaluate.py --ckpt model.pth --steps 1 2 --ema all --out results.json
     torchrun --nproc_per_node 8 evaluate.py --ckpt model.pth --ema net_ema1
     torchrun --nproc_per_node 8 evaluate.py --ckpt imagenet.pth --ref VIRTUAL_imagenet256_labeled.npz
+    torchrun --nproc_per_node 8 evaluate.py --ckpt iMF-B-2.pth --ema net --ref VIRTUAL_imagenet256_labeled.npz \
+        --omega 6 7 8 --t_min 0.4 --t_max 0.65          # an iMF network: one row per guidance setting
     python evaluate.py ref --dataset cifar10 --data_path ./data
 
 Protocol: ``--fid_samples`` samples (50,000 by default) per network and number of steps, each from
@@ -11,7 +13,8 @@ rounding (a latent model's: decoded by its VAE first), against the Inception sta
 whole training set: computed once and cached, or given with --ref (ADM's reference batch for
 ImageNet, whose stored statistics are used). The Inception Score comes from the same Inception
 forward. A checkpoint of a dataset whose quality figure is not FID (the digits) is scored by that
-figure instead.
+figure instead. An iMF network samples with the guidance --omega, --t_min, --t_max (default: the checkpoint's,
+or the authors' for their model sizes and number of steps; several values: a row for each combination).
 """
 
 import argparse
@@ -20,11 +23,11 @@ import sys
 
 import torch
 
-from training.build import load_network, read_checkpoint
+from training.build import load_network, read_checkpoint, sampling_guidance
 from training.sampling import image_decoder, sample_images, scores_of_network
 from utils.adm_ref import load_reference
 from utils.checkpoint import available_networks, checkpoint_dataset, ema_decays
-from utils.cli import HelpFormatter, parse_model_config
+from utils.cli import HelpFormatter, add_guidance_flags, parse_model_config
 from utils.data import DATASETS, dataset_info
 from utils.distributed import cleanup, init_distributed
 from utils.errors import UserValueError, exit_on_user_error
@@ -46,14 +49,34 @@ def select_networks(ckpt: dict, requested: list[str]) -> list[str]:
 
 
 def format_table(rows: list[dict], figure: str = "fid") -> str:
-    """Plain-text table of result rows (ema, decay, steps, the figure, and the Inception Score where given)."""
+    """Plain-text table of result rows (ema, decay, steps, the guidance where given, the figure, and the
+    Inception Score where given)."""
     with_is = bool(rows) and "is" in rows[0]
-    lines = [f"{'network':<10} {'decay':>8} {'steps':>5} {figure.upper():>9}" + (f" {'IS':>8}" if with_is else "")]
+    guided = bool(rows) and "omega" in rows[0]
+    lines = [f"{'network':<10} {'decay':>8} {'steps':>5}"
+             + (f" {'omega':>6} {'t_min':>6} {'t_max':>6}" if guided else "")
+             + f" {figure.upper():>9}" + (f" {'IS':>8}" if with_is else "")]
     for r in rows:
         decay = "-" if r["decay"] is None else f"{r['decay']:g}"
-        lines.append(f"{r['ema']:<10} {decay:>8} {r['steps']:>5} {r[figure]:>9.3f}"
-                     + (f" {r['is']:>8.2f}" if with_is else ""))
+        lines.append(f"{r['ema']:<10} {decay:>8} {r['steps']:>5}"
+                     + (f" {r['omega']:>6g} {r['t_min']:>6g} {r['t_max']:>6g}" if guided else "")
+                     + f" {r[figure]:>9.3f}" + (f" {r['is']:>8.2f}" if with_is else ""))
     return "\n".join(lines)
+
+
+def guidance_settings(args: argparse.Namespace, ckpt: dict, net, steps: int) -> list:
+    """The guidance settings of --omega, --t_min, --t_max for `net` at `steps` steps ([None]: no guidance inputs)."""
+    return sampling_guidance(ckpt, net, steps, omega=args.omega, t_min=args.t_min, t_max=args.t_max)
+
+
+def row(name: str, decay: float | None, steps: int, guidance, scores: dict) -> dict:
+    """A result row: the network, its decay, steps, the guidance setting (if any) and the scores."""
+    return dict(ema=name, decay=decay, steps=steps, **({} if guidance is None else guidance.inputs()), **scores)
+
+
+def described(name: str, steps: int, guidance) -> str:
+    """'net_ema 1-step', with the guidance setting if any."""
+    return f"{name} {steps}-step" + ("" if guidance is None else f" ({guidance})")
 
 
 def run_fid(args: argparse.Namespace) -> list[dict]:
@@ -96,14 +119,15 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
         for name in names:
             net = load_network(ckpt, ema=name, model_config=config, device=env.device)
             for steps in args.steps:
-                scores = scores_of_network(net, ref=ref, num_samples=args.fid_samples, batch_size=args.batch_size,
-                                           img_shape=image_shape(net), seed=args.seed, steps=steps,
-                                           extractor=extractor, device=env.device, env=env, progress=main,
-                                           decode=decode)
-                rows.append(dict(ema=name, decay=decays.get(name), steps=steps, **scores))
-                if main:
-                    print(f"{name} {steps}-step FID {scores['fid']:.3f}, Inception Score {scores['is']:.2f}",
-                          flush=True)
+                for guidance in guidance_settings(args, ckpt, net, steps):
+                    scores = scores_of_network(net, ref=ref, num_samples=args.fid_samples, batch_size=args.batch_size,
+                                               img_shape=image_shape(net), seed=args.seed, steps=steps,
+                                               extractor=extractor, device=env.device, env=env, progress=main,
+                                               decode=decode, guidance=guidance)
+                    rows.append(row(name, decays.get(name), steps, guidance, scores))
+                    if main:
+                        print(f"{described(name, steps, guidance)} FID {scores['fid']:.3f}, Inception Score "
+                              f"{scores['is']:.2f}", flush=True)
         if main:
             print(format_table(rows))
             write_results(args, about, rows, env)
@@ -121,16 +145,16 @@ def digits_rows(args: argparse.Namespace, ckpt: dict, names: list[str], config: 
     decays, rows = ema_decays(ckpt), []
     for name in names:
         net = load_network(ckpt, ema=name, model_config=config, device=env.device)
-        for steps in args.steps:
+        for steps, guidance in [(k, g) for k in args.steps for g in guidance_settings(args, ckpt, net, k)]:
             images = sample_images(net, num_samples=count, img_shape=image_shape(net), seed=args.seed, steps=steps,
-                                   batch_size=args.batch_size, device=env.device, env=env)
+                                   batch_size=args.batch_size, device=env.device, env=env, guidance=guidance)
             if env.rank == 0:
                 labels = None
                 if getattr(net, "num_classes", 0):
                     labels = torch.arange(count) % net.num_classes
                 score = quality.score(images, labels=labels)
-                rows.append(dict(ema=name, decay=decays.get(name), steps=steps, **score))
-                print(f"{name} {steps}-step digits quality: FD {score['fd']:.3f}, confidence "
+                rows.append(row(name, decays.get(name), steps, guidance, score))
+                print(f"{described(name, steps, guidance)} digits quality: FD {score['fd']:.3f}, confidence "
                       f"{score['confidence']:.3f}, classes {score['classes']:.2f}/10"
                       + (f", classified as their requested label {score['label_accuracy']:.1%}"
                          if labels is not None else ""), flush=True)
@@ -206,6 +230,7 @@ def fid_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes the samples, mse, ema or "
                    "a local folder, instead of the one the checkpoint names (default: that one)")
     p.add_argument("--model_config", default=None, help="SongUNet kwargs as JSON for checkpoints without a config")
+    add_guidance_flags(p, each="a row each")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     _add_common(p)
     return p

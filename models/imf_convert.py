@@ -16,6 +16,7 @@ Their JAX parameters (flax, `traverse_util.flatten_dict(params, sep='/')`) map t
 Dense kernels [in, out] transposed to [out, in] and the patch convolution's HWIO kernel to OIHW.
 """
 
+import inspect
 import re
 from collections.abc import Mapping
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.imf_dit import ImfDiT
+from models.imf_dit import IMF_CONFIGS, ImfDiT
 
 _WRAPPERS = re.compile(r"\._flax_(linear|embedding)(?=\.)")
 
@@ -84,6 +85,14 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], *, img_resolution: int 
         num_time_tokens=len(sd["time_tokens"]), num_cfg_tokens=len(sd["omega_tokens"]),
         num_interval_tokens=len(sd["t_min_tokens"]),
     )
+
+
+def config_name(config: Mapping) -> str | None:
+    """The name of the authors' configuration (IMF_CONFIGS: B/2 ... XL/2 with ImfDiT's defaults otherwise: 32 x 32
+    x 4 latents, 1000 classes) that the ImfDiT keyword arguments `config` build, or None for another network."""
+    defaults = {name: p.default for name, p in inspect.signature(ImfDiT).parameters.items() if name != "v_head"}
+    built = {k: config.get(k, default) for k, default in defaults.items()}
+    return next((name for name, size in IMF_CONFIGS.items() if built == {**defaults, **size}), None)
 
 
 def load_official(state_dict: Mapping[str, torch.Tensor], *, img_resolution: int = 32) -> ImfDiT:

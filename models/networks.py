@@ -171,7 +171,9 @@ def infer_unet_config(net_state_dict: dict) -> dict:
 # enough to train on the 8x8 digits on one CPU core in minutes. The DiT's is 64 wide (digits-dit, docs/dit.md:
 # 0.35M parameters), which already classifies every sample as asked; at width 96 a step took 1.3x as long.
 DIT_SIZES = {**DIT_CONFIGS, "XS/2": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2)}
-IMF_SIZES = {**IMF_CONFIGS, "XS/2": dict(depth=4, hidden_size=96, num_heads=4, patch_size=2, aux_head_depth=2)}
+IMF_SIZES = {**IMF_CONFIGS, "XS/2": dict(depth=3, hidden_size=64, num_heads=4, patch_size=2, aux_head_depth=1,
+                                          num_class_tokens=4, num_time_tokens=2, num_cfg_tokens=2,
+                                          num_interval_tokens=1)}
 _NET_SHAPE = ("img_resolution", "in_channels", "num_classes")
 
 

@@ -359,3 +359,154 @@ def test_improved_meanflow_errors_name_the_fix():
         method.loss(ToyGuided(), x, labels=torch.zeros(2, dtype=torch.long), omega=torch.ones(2))
     with pytest.raises(ValueError, match=r"class indices of shape \[2\]"):
         method.loss(ToyGuided(), x, labels=torch.zeros(2, 10))
+
+
+# ---------------------------------------------------------------- their checkpoints here, ours in their layout
+
+
+def test_their_imf_file_reads_with_their_latent_space(torch_fixture, tmp_path):
+    """iMF-*.pth is their iMeanFlow's state dict: read_checkpoint gives it their latent space (sd-vae-ft-mse after
+    iMF's normalization), load_network gives their u; a network of none of their sizes samples without guidance
+    by default."""
+    from training.build import load_network, read_checkpoint, sampling_guidance
+    from training.sampling import Guidance
+    from utils.latents import NORMS, LatentSpace
+
+    path = tmp_path / "iMF-small.pth"
+    torch.save(dict(torch_fixture["eval"]["state_dict"]), path)
+    ckpt = read_checkpoint(path, model_config={"img_resolution": 8})
+    latent = LatentSpace.of_checkpoint(ckpt)
+    assert (latent.norm, latent.vae_name, latent.resolution) == (NORMS["imf"], "mse", 64)
+    net = load_network(ckpt, ema="net", model_config={"img_resolution": 8})
+    with torch.no_grad():
+        u, _ = their_call(net, torch_fixture["inputs"])
+    torch.testing.assert_close(u, torch_fixture["eval"]["u"], rtol=0, atol=1e-5)
+    assert sampling_guidance(ckpt, net, 1) == [Guidance(1.0, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("size, steps, recorded, expected", [
+    ("B/2", 1, {}, (8.0, 0.4, 0.65)),
+    ("M/2", 1, {}, (10.5, 0.4, 0.6)),
+    ("L/2", 1, {}, (10.5, 0.4, 0.6)),
+    ("XL/2", 1, {}, (8.0, 0.42, 0.62)),
+    ("XL/2", 2, {}, (4.0, 0.36, 0.64)),
+    ("XL/2", 2, dict(omega=6.0), (4.0, 0.36, 0.64)),   # their 2-step setting over the recorded 1-step one
+    ("XL/2", 4, {}, (8.0, 0.42, 0.62)),                # no 4-step setting: the 1-step one
+    ("B/2", 1, dict(omega=3.0, t_max=0.9), (3.0, 0.4, 0.9)),
+    ("XS/2", 2, dict(omega=4.0), (4.0, 0.0, 1.0)),
+    (None, 1, {}, (1.0, 0.0, 1.0)),
+])
+def test_default_guidance_is_the_authors_eval_config_or_what_the_run_recorded(size, steps, recorded, expected):
+    from training.sampling import Guidance, default_guidance
+    assert default_guidance(steps, size=size, **recorded) == Guidance(*expected)
+
+
+def test_guidance_defaults_come_from_the_size_the_weights_have():
+    """Their iMF-*.pth record no size: it is recognised from the config their weights give."""
+    from models.imf_convert import config_name
+    for name, size in IMF_CONFIGS.items():
+        with torch.device("meta"):
+            state = ImfDiT(**size, v_head=False).state_dict()
+        assert config_name(infer_config(state)) == name
+    assert config_name(dict(IMF_CONFIGS["B/2"], num_classes=10)) is None
+
+
+def test_export_to_their_layout_loads_back_with_the_same_u(torch_fixture, tmp_path, capsys):
+    """A network of ours (with its v-head) exports to the keys of their inference iMeanFlow (the fixture's eval
+    state dict) and reads back through load_network with the same u; export_imf.py writes that file."""
+    import export_imf
+    from training.build import export_imf as export, load_network
+
+    net = load_official(torch_fixture["full"]["state_dict"], img_resolution=8)
+    assert net.has_v_head
+    config = infer_config(net.state_dict(), img_resolution=8)
+    ckpt = {"model": {f"net_ema.{k}": v for k, v in net.state_dict().items()}, "network": "imf_dit",
+            "model_config": config, "config": dict(arch="imf_dit", omega=4.0, t_min=0.3, t_max=0.7)}
+    exported = export(load_network(ckpt))
+    assert exported.keys() == torch_fixture["eval"]["state_dict"].keys()
+    torch.save(ckpt, tmp_path / "ours.pth")
+    export_imf.main(["--ckpt", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "theirs.pth")])
+    assert "not one of their four configurations" in capsys.readouterr().out
+    back = load_network(str(tmp_path / "theirs.pth"), ema="net", model_config={"img_resolution": 8})
+    assert torch.load(tmp_path / "theirs.pth", weights_only=True).keys() == exported.keys()
+    with torch.no_grad():
+        want, _ = their_call(net, torch_fixture["inputs"])
+        got, _ = their_call(back, torch_fixture["inputs"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- presets
+
+# Their JAX configs/train_config.yml over configs/default.py (docs/imf.md); batch 128 per process x 8 = their 1024.
+IMF_RECIPE = dict(
+    dataset="imagenet256-latent", arch="imf_dit", objective="imf", batch_per_process=128, epochs=640, lr=1e-4,
+    warmup_epochs=10, adam_betas=[0.9, 0.95], ema_decay=0.9999, ema_decays=[], ema_period_steps=1, tr_sampler="v0",
+    P_mean_t=-0.4, P_std_t=1.0, P_mean_r=-0.4, P_std_r=1.0, ratio=0.5, norm_p=1.0, norm_eps=0.01, class_cond=True,
+    class_dropout=0.1, dropout=0.0, use_edm_aug=False, compute_fid=False, eval_every_epochs=20)
+# model_size and the guidance of their eval config (configs/eval_config.yml) for the size.
+IMF_PRESETS = {"imagenet256-imf-b2": ("B/2", 8.0, 0.4, 0.65), "imagenet256-imf-m2": ("M/2", 10.5, 0.4, 0.6),
+               "imagenet256-imf-l2": ("L/2", 10.5, 0.4, 0.6), "imagenet256-imf-xl2": ("XL/2", 8.0, 0.42, 0.62)}
+
+
+@pytest.mark.parametrize("preset", list(IMF_PRESETS))
+def test_imagenet_imf_presets_are_the_authors_recipe(preset):
+    from training import config as config_lib
+    from training.build import build_method, check_buildable
+
+    cfg = config_lib.resolve(dict(preset=preset), cuda_available=True)
+    assert {k: getattr(cfg, k) for k in IMF_RECIPE} == IMF_RECIPE
+    assert (cfg.model_size, cfg.omega, cfg.t_min, cfg.t_max) == IMF_PRESETS[preset]
+    assert cfg.output_dir == f"./output/{preset}" and cfg.device == "cuda" and cfg.compile
+    check_buildable(cfg)
+    method = build_method(cfg)
+    assert (method.data_proportion, method.class_dropout_prob, method.omega_max) == (0.5, 0.1, 8.0)
+
+
+class RecordingQuality:
+    """Stands in for utils.digits_quality.DigitsQuality (whose classifier takes seconds to fit): scores nothing,
+    records the images it is given."""
+    count = 6
+    scored = []
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    def real_score(self) -> dict:
+        return dict(count=self.count, fd=0.0, confidence=1.0, classes=10.0)
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        self.scored.append(images)
+        return dict(fd=0.0, confidence=1.0, classes=10.0, label_accuracy=1.0)
+
+
+@pytest.mark.slow
+def test_digits_imf_evaluates_with_its_guidance_and_evaluate_py_sweeps(tmp_path, monkeypatch, capsys):
+    """Two steps of the preset: evaluation during training samples with its omega and interval; evaluate.py's digits
+    figure takes a sweep, a row per omega."""
+    import evaluate
+    import train
+    from training.build import load_network
+    from training.sampling import Guidance, sample_images
+    from utils import data as data_utils
+    from utils import digits_quality
+
+    monkeypatch.setattr(digits_quality, "DigitsQuality", RecordingQuality)
+    RecordingQuality.scored.clear()
+    out = tmp_path / "run"
+    argv = ["--preset", "digits-imf", "--max_steps", "2", "--output_dir", str(out), "--device", "cpu", "--not_compile"]
+    assert train.main(argv) == 0
+    cfg = train.resolve_config(argv)
+    assert (cfg.arch, cfg.objective, cfg.omega, cfg.t_min, cfg.t_max) == ("imf_dit", "imf", 4.0, 0.4, 0.65)
+    assert "net_ema2 at step 2, 1-step samples with omega 4, interval [0.4, 0.65]: FD" in (out / "log.txt").read_text()
+    net = load_network(str(out / "checkpoint-last.pth"), ema="net")  # the first network evaluated
+    noise = torch.randn((6, 1, 8, 8), generator=data_utils.make_generator(cfg.seed, "quality"))
+    expected = net(noise, torch.ones(6), torch.ones(6), labels=torch.arange(6), omega=torch.full((6,), 4.0),
+                   t_min=torch.full((6,), 0.4), t_max=torch.full((6,), 0.65))[0]
+    torch.testing.assert_close(RecordingQuality.scored[0], noise - expected, rtol=0, atol=1e-6)
+
+    rows = evaluate.main(["--ckpt", str(out / "checkpoint-last.pth"), "--ema", "net", "--omega", "1", "8",
+                          "--device", "cpu"])
+    assert [(r["omega"], r["t_min"], r["t_max"]) for r in rows] == [(1.0, 0.4, 0.65), (8.0, 0.4, 0.65)]
+    guided = sample_images(net, num_samples=297, img_shape=(1, 8, 8), guidance=Guidance(8.0, 0.4, 0.65))
+    assert torch.equal(RecordingQuality.scored[-1], guided)
+    assert "omega  t_min  t_max" in capsys.readouterr().out

@@ -635,3 +635,22 @@ def test_guided_one_step_samples_land_in_their_class_component():
     data, _ = _mixture(k, g)
     data_hit = (torch.cdist(data.double(), centres).argmin(dim=1) == k).double().mean().item()
     assert data_hit < 0.95 and hit >= 0.97, (data_hit, hit)
+
+
+# ---------------------------------------------------------------- improved MeanFlow on the toy
+
+
+@pytest.mark.slow
+def test_imf_objective_one_step_samples_beside_meanflows_on_the_labelled_ring():
+    """tools/toy.py's comparison at seed 0 (the report runs seeds 0..3, docs/imf.md). With the same (t, r)
+    draws, iMF's objective trained without the guidance scales (omega_max 1) is as close to the data as
+    MeanFlow's; with them (iMF's default, sampled at omega 1) farther, measured 2.7 to 4.3x, and still in its
+    class's component."""
+    from tools import toy
+
+    names = ["meanflow, iMF's draws", "imf", "imf, omega_max 1"]
+    scores = {name: toy.one_step_scores(name, seed=0) for name in names}
+    sw = {name: s["sw"] for name, s in scores.items()}
+    assert sw["imf, omega_max 1"] <= 1.5 * sw["meanflow, iMF's draws"], sw
+    assert sw["imf"] <= 8 * sw["meanflow, iMF's draws"], sw
+    assert min(s["hit"] for s in scores.values()) >= 0.95, scores  # measured: 97.9% for iMF, 100% for the others

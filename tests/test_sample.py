@@ -215,3 +215,60 @@ def test_class_conditional_checkpoint_writes_labels_and_class_rows(tmp_path):
     assert 4.5 * width < height < 5.5 * width  # 10 rows of 2
     with pytest.raises(UserValueError, match="0..9"):
         sample.main(common + ["--out", str(tmp_path / "c.npz"), "--class_labels", "10"])
+
+
+# ---------------------------------------------------------------- iMF: guidance chosen at sampling time
+
+
+def _imf_checkpoint(path: Path, **recorded) -> torch.nn.Module:
+    """A checkpoint of ours holding a small iMF network (1 x 8 x 8, 10 classes; its constant-initialised
+    parameters given noise so that the guidance inputs change u), with the guidance its run recorded."""
+    from models.imf_dit import ImfDiT
+    config = dict(img_resolution=8, in_channels=1, num_classes=10, patch_size=2, hidden_size=16, depth=2, num_heads=2,
+                  aux_head_depth=1)
+    torch.manual_seed(0)
+    net = ImfDiT(**config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    torch.save({"model": {f"net.{k}": v for k, v in net.state_dict().items()}, "network": "imf_dit",
+                "model_config": config, "config": dict(arch="imf_dit", **recorded)}, path)
+    return net.eval()
+
+
+def test_an_imf_checkpoint_samples_with_its_guidance_and_each_of_a_sweep(tmp_path):
+    """No flags: the guidance the run recorded; --omega 1 3: a file per setting, named after it, each the network's
+    samples with those inputs (the interval still the recorded one)."""
+    net = _imf_checkpoint(tmp_path / "imf.pth", omega=4.0, t_min=0.2, t_max=0.8)
+    common = ["--ckpt", str(tmp_path / "imf.pth"), "--num_samples", "12", "--device", "cpu", "--ema", "net"]
+    sample.main(common + ["--out", str(tmp_path / "a.npz")])
+    sample.main(common + ["--out", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "g.png"), "--omega", "1", "3"])
+    noise, labels = sample_noise(0, torch.arange(12), (1, 8, 8)), torch.arange(12) % 10
+
+    def expected(omega):
+        return to_uint8(meanflow.sample(net, noise, labels=labels, omega=omega, t_min=0.2, t_max=0.8)).permute(0, 2, 3, 1)
+
+    assert np.array_equal(np.load(tmp_path / "a.npz")["arr_0"], expected(4.0).numpy())
+    for omega in (1, 3):
+        assert np.array_equal(np.load(tmp_path / f"s_omega{omega}_0.2-0.8.npz")["arr_0"], expected(omega).numpy())
+        assert (tmp_path / f"g_omega{omega}_0.2-0.8.png").is_file()
+    assert not np.array_equal(expected(1.0).numpy(), expected(3.0).numpy())
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_guidance_flags_name_what_is_wrong(tmp_path):
+    """A network without guidance inputs refuses them; an interval or scale no network trains on is refused."""
+    from models.unet import SongUNet
+    config = dict(img_resolution=8, in_channels=1, out_channels=1, label_dim=10, model_channels=4,
+                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    torch.save({"model": {f"net.{k}": v for k, v in SongUNet(**config).state_dict().items()}, "model_config": config},
+               tmp_path / "unet.pth")
+    _imf_checkpoint(tmp_path / "imf.pth")
+    out = ["--out", str(tmp_path / "x.npz"), "--num_samples", "2", "--device", "cpu", "--ema", "net"]
+    with pytest.raises(UserValueError, match="--omega --t_max: guidance at sampling time is an input of iMF's network"):
+        sample.main(["--ckpt", str(tmp_path / "unet.pth"), "--omega", "2", "--t_max", "0.5", *out])
+    with pytest.raises(UserValueError, match=r"interval \[0.7, 0.6\]"):
+        sample.main(["--ckpt", str(tmp_path / "imf.pth"), "--t_min", "0.7", "--t_max", "0.6", *out])
+    with pytest.raises(UserValueError, match="omega 0.5: a guidance scale is >= 1"):
+        sample.main(["--ckpt", str(tmp_path / "imf.pth"), "--omega", "0.5", *out])
+    assert not (tmp_path / "x.npz").exists()

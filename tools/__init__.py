@@ -1,1 +1,1 @@
-"""Harnesses that import code from outside this repository (the release of the MeanFlow authors), for benchmarks and fixtures."""
+"""Harnesses: the authors' release imported from a local copy (benchmarks, fixtures), and the toy comparison of the objectives."""

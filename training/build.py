@@ -8,11 +8,13 @@ import torch
 import torch.distributed as dist
 
 import meanflow
-from models import dit_convert
+from models import dit_convert, imf_convert
 from models.ema import EMAModel
+from models.imf_dit import ImfDiT
 from models.networks import NetworkSpec, network_spec, spec_of_state_dict
 from training.config import FLAG_OF_FIELD, PRESETS, TrainConfig
 from training.precision import autocast_dtype
+from training.sampling import Guidance, default_guidance
 from training.step import Trainer, loss_and_backward
 from utils import data as data_utils
 from utils.augment import AugmentPipe
@@ -142,6 +144,11 @@ def build_trainer(cfg: TrainConfig, env: DistEnv, data: data_utils.ImageData | N
         warmup_steps=cfg.warmup_epochs * steps_per_epoch, latent=latent)
 
 
+def _sd_vae_mse() -> dict:
+    """The VAE record of sd-vae-ft-mse, the VAE of both papers (as prepare_latents.py records it)."""
+    return {**vae_source("mse"), "scaling_factor": 0.18215}
+
+
 # The networks of the authors' JAX train state under our names: their trained and EMA parameters.
 FLAX_NETWORKS = {"net": "params", "net_ema": "ema_params"}
 
@@ -157,18 +164,43 @@ def checkpoint_from_flax(read: dict[str, dict], *, img_resolution: int = 32, num
         config, state_dict = dit_convert.state_dict_from_flax(read[key], img_resolution=img_resolution,
                                                               num_heads=num_heads)
         model.update({f"{name}.{k}": v for k, v in state_dict.items()})
-    latent = LatentSpace(norm=NORMS["sd-scale"], vae={**vae_source("mse"), "scaling_factor": 0.18215},
-                         resolution=8 * img_resolution)
+    latent = LatentSpace(norm=NORMS["sd-scale"], vae=_sd_vae_mse(), resolution=8 * img_resolution)
     return {"model": model, "network": "dit", "model_config": config, CHECKPOINT_KEY: latent.to_dict()}
 
 
+def is_imf_release(ckpt: dict) -> bool:
+    """Whether a loaded file is the authors' iMF-*.pth: their iMeanFlow's bare state dict, every key under net."""
+    return ("model" not in ckpt and bool(ckpt) and all(k.startswith("net.") and torch.is_tensor(v)
+                                                          for k, v in ckpt.items())
+            and network_spec("imf_dit").owns({k[len("net."):]: v for k, v in ckpt.items()}))
+
+
+def imf_release_latent(img_resolution: int = 32) -> LatentSpace:
+    """The latent space of the authors' iMF networks, as their PyTorch evaluation decodes them (utils/vae_util.py):
+    sd-vae-ft-mse, after undoing iMF's per-channel normalization; images of 8 x img_resolution pixels."""
+    return LatentSpace(norm=NORMS["imf"], vae=_sd_vae_mse(), resolution=8 * img_resolution)
+
+
+def checkpoint_from_imf(state_dict: dict, *, img_resolution: int = 32) -> dict:
+    """The authors' iMF-*.pth (is_imf_release) as a checkpoint of ours: their network as "net", its config (read
+    from the weights; the input side, which they do not tell, is img_resolution) and their latent space
+    (imf_release_latent), so that sample.py and evaluate.py decode its samples to images."""
+    config = imf_convert.infer_config(state_dict, img_resolution=img_resolution)
+    return {"model": dict(state_dict), "network": "imf_dit", "model_config": config,
+            CHECKPOINT_KEY: imf_release_latent(img_resolution).to_dict()}
+
+
 def read_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
-    """A checkpoint dict from a file (ours, the authors' PyTorch release or iMF's), or from a folder:
-    the authors' JAX DiT checkpoint (checkpoint_<step> or the work dir holding it), read with jax,
-    flax and orbax-checkpoint and converted by checkpoint_from_flax. Their weights do not tell the
-    input size and head count: model_config's img_resolution and num_heads, when given, set them."""
+    """A checkpoint dict from a file (ours, the authors' PyTorch release, or iMF's iMF-*.pth, converted by
+    checkpoint_from_imf), or from a folder: the authors' JAX DiT checkpoint (checkpoint_<step> or the work dir
+    holding it), read with jax, flax and orbax-checkpoint and converted by checkpoint_from_flax. Their weights
+    do not tell the input size and head count: model_config's img_resolution and num_heads, when given, set
+    them."""
     if not Path(path).is_dir():
-        return load_checkpoint(path)
+        ckpt = load_checkpoint(path)
+        if is_imf_release(ckpt):
+            return checkpoint_from_imf(ckpt, img_resolution=(model_config or {}).get("img_resolution", 32))
+        return ckpt
     given = {k: v for k, v in (model_config or {}).items() if k in ("img_resolution", "num_heads")}
     try:
         return checkpoint_from_flax(dit_convert.read_flax_checkpoint(path), **given)
@@ -210,6 +242,53 @@ def load_network(path_or_ckpt, ema: str = "net_ema", model_config: dict | None =
     except RuntimeError as e:
         raise UserFileError(f"weights of {ema!r} in {where} do not fit {spec.cls.__name__}({config}): {e}") from e
     return net.to(device).eval()
+
+
+def network_guidance(net: torch.nn.Module, steps: int, *, omega: float | None = None, t_min: float | None = None,
+                     t_max: float | None = None) -> Guidance:
+    """training.sampling.default_guidance of an iMF network sampled in `steps` steps, given the settings its run
+    recorded (None: not recorded); its size is the authors' configuration its weights have, if any."""
+    return default_guidance(steps, size=imf_size(net), omega=omega, t_min=t_min, t_max=t_max)
+
+
+def imf_size(net: torch.nn.Module) -> str | None:
+    """The authors' configuration (B/2, M/2, L/2, XL/2) that an iMF network has, or None (another network)."""
+    if not isinstance(net, ImfDiT):
+        return None
+    return imf_convert.config_name(imf_convert.infer_config(net.state_dict(), img_resolution=net.img_resolution))
+
+
+def sampling_guidance(ckpt: dict, net: torch.nn.Module, steps: int, *, omega: list[float] | None = None,
+                      t_min: list[float] | None = None, t_max: list[float] | None = None) -> list[Guidance | None]:
+    """The guidance settings to sample `net`, a network of `ckpt`, with in `steps` steps: every combination of
+    the values given (omega x t_min x t_max), each one not given from default_guidance: what the run recorded
+    (its --omega, --t_min, --t_max), or the authors' setting for the network's size, recognised from its
+    config (their iMF-*.pth record none). [None] for a network without guidance inputs; given values are
+    then a UserValueError, as are values no network was trained on."""
+    given = {"omega": omega, "t_min": t_min, "t_max": t_max}
+    if not getattr(net, "takes_guidance", False):
+        named = " ".join(f"--{name}" for name, values in given.items() if values)
+        if named:
+            raise UserValueError(f"{named}: guidance at sampling time is an input of iMF's network (imf_dit) only; "
+                                 f"this network's guidance, if any, was fixed by its training (docs/guidance.md)")
+        return [None]
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    default = network_guidance(net, steps, **{name: config.get(name) for name in given})
+    values = [given[name] or [getattr(default, name)] for name in given]
+    try:
+        return [Guidance(w, lo, hi) for w in values[0] for lo in values[1] for hi in values[2]]
+    except ValueError as e:
+        raise UserValueError(f"--omega, --t_min, --t_max: {e}") from e
+
+
+def export_imf(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An iMF network (load_network's) in the authors' layout: the state dict that their PyTorch iMeanFlow, built
+    for inference, loads with strict=True (models.imf_convert.to_official), so that their evaluate.py runs on
+    it. The v-head is left out, as in their iMF-*.pth."""
+    if not isinstance(net, ImfDiT):
+        raise UserValueError(f"the network is a {type(net).__name__}: only iMF's network (imf_dit) has the "
+                             f"authors' iMF layout")
+    return imf_convert.to_official(net.state_dict())
 
 
 def initial_model_state(trainer: Trainer, seed: int) -> dict:

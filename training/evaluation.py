@@ -1,5 +1,6 @@
 """Evaluation during training: sample grids of every network, then the dataset's quality figure (FID or the
-digits figure, utils/data.py's table). A latent model's grids are decoded by its VAE."""
+digits figure, utils/data.py's table). A latent model's grids are decoded by its VAE; an iMF network samples
+with the run's guidance."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 import meanflow
 from models.ema import EMAModel
 from training.log import Log
-from training.sampling import fid_of_network, image_decoder
+from training.sampling import Guidance, fid_of_network, image_decoder
 from utils import data as data_utils
 from utils.distributed import DistEnv
 from utils.latents import LatentSpace
@@ -27,14 +28,18 @@ class Evaluator:
     LatentSpace (its grids are decoded by the VAE it names, loaded at the first grid). fid_samples:
     generated images per FID, drawn in batches of batch_size. inception_weights: the FID weights file
     (None: found as utils.inception.resolve_inception_weights finds it). out: folder for the grids
-    (None: none written). writer: a SummaryWriter or None.
+    (None: none written). writer: a SummaryWriter or None. guidance: what a network with guidance inputs
+    (iMF's) samples with (None: its defaults, no guidance).
     """
 
     def __init__(self, *, model: EMAModel, env: DistEnv, img_shape: tuple[int, int, int], dataset: str,
                  data_path: str, seed: int = 0, compute_fid: bool = False, fid_samples: int = 50000,
                  batch_size: int = 64, inception_weights: str | None = None, out: Path | None = None, writer=None,
-                 log: Log, latent: LatentSpace | None = None):
+                 log: Log, latent: LatentSpace | None = None, guidance: Guidance | None = None):
         self.model, self.env, self.img_shape, self.latent = model, env, img_shape, latent
+        self.guidance = guidance
+        self.inputs = {} if guidance is None else guidance.inputs()  # meanflow.sample's guidance arguments
+        self.guided = "" if guidance is None else f" with {guidance}"  # the log's note of it
         self.dataset, self.data_path, self.seed = dataset, data_path, seed
         self.compute_fid, self.fid_samples, self.batch_size = compute_fid, fid_samples, batch_size
         self.inception_weights = inception_weights
@@ -67,7 +72,8 @@ class Evaluator:
         try:
             for name, net in self.model.networks().items():
                 if self.main:
-                    self._grid(name, self.decode(meanflow.sample(net, grid_noise, labels=grid_labels))[order], step)
+                    grid = meanflow.sample(net, grid_noise, labels=grid_labels, **self.inputs)
+                    self._grid(name, self.decode(grid)[order], step)
                 if self.quality == "digits" and self.main:
                     results[name] = self._digits(name, net, step)
                 if self.quality == "inception" and self.compute_fid:
@@ -100,9 +106,9 @@ class Evaluator:
                             generator=data_utils.make_generator(self.seed, "quality")).to(self.env.device)
         labels = self._labels(self.digits.count)
         requested = None if labels is None else labels.cpu()
-        score = self.digits.score(meanflow.sample(net, noise, labels=labels), labels=requested)
-        self.log(f"digits quality of {name} at step {step}, 1-step samples: FD {score['fd']:.2f}, "
-                 f"confidence {score['confidence']:.3f}, classes {score['classes']:.2f}/10"
+        score = self.digits.score(meanflow.sample(net, noise, labels=labels, **self.inputs), labels=requested)
+        self.log(f"digits quality of {name} at step {step}, 1-step samples{self.guided}: "
+                 f"FD {score['fd']:.2f}, confidence {score['confidence']:.3f}, classes {score['classes']:.2f}/10"
                  + (f", classified as their requested label {score['label_accuracy']:.1%}" if labels is not None else ""))
         if self.writer is not None:
             for key in [k for k in ("fd", "confidence", "classes", "label_accuracy") if k in score]:
@@ -121,8 +127,8 @@ class Evaluator:
         extractor, ref = self.fid_setup
         value = fid_of_network(net, ref=ref, num_samples=self.fid_samples, batch_size=self.batch_size,
                                    img_shape=self.img_shape, seed=self.seed, steps=1, extractor=extractor,
-                                   device=self.env.device, env=env, progress=self.main)
-        self.log(f"FID of {name} at step {step} (1 step, {self.fid_samples} samples): {value:.3f}")
+                                   device=self.env.device, env=env, progress=self.main, guidance=self.guidance)
+        self.log(f"FID of {name} at step {step} (1 step{self.guided}, {self.fid_samples} samples): {value:.3f}")
         if self.writer is not None:
             self.writer.add_scalar(f"fid/{name}", value, step)
         return value

@@ -15,14 +15,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from training.build import build_trainer, initial_model_state
+from training.build import build_trainer, initial_model_state, network_guidance
 from training.config import TrainConfig
 from training.evaluation import Evaluator
 from training.log import Log, memory_gib
 from training.precision import apply_precision
 from training.resume import LAST, checkpoint_state, find_start, load_state
 from training.rollback import RollbackGuard, attempt_for_rerun, with_faults
-from training.step import check_weights, lr_at, train_step
+from training.sampling import Guidance
+from training.step import Trainer, check_weights, lr_at, train_step
 from training.stop import StopRequest
 from utils import checkpoint as ckpt_io
 from utils import fid
@@ -91,7 +92,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
     evaluate = Evaluator(model=trainer.model, env=env, img_shape=trainer.img_shape, dataset=cfg.dataset,
                          data_path=cfg.data_path, seed=cfg.seed, compute_fid=cfg.compute_fid, fid_samples=fid_samples,
                          batch_size=cfg.batch_per_process, inception_weights=inception_weights, out=out,
-                         writer=writer, log=log, latent=trainer.latent)
+                         writer=writer, log=log, latent=trainer.latent, guidance=evaluation_guidance(cfg, trainer))
     if cfg.eval_only:
         evaluate(step)
         _close(writer)
@@ -229,6 +230,14 @@ def run(cfg: TrainConfig, env: DistEnv) -> int:
         stop.restore()
         saver.wait()  # the last checkpoint is on disk before the run ends, or its write error is raised
         _close(writer)
+
+
+def evaluation_guidance(cfg: TrainConfig, trainer: Trainer) -> Guidance | None:
+    """What a network with guidance inputs (iMF's) samples with during training: --omega, --t_min, --t_max, or
+    their defaults (training.build.network_guidance: the authors' for their sizes, else none)."""
+    if not getattr(trainer.model.net, "takes_guidance", False):
+        return None
+    return network_guidance(trainer.model.net, 1, omega=cfg.omega, t_min=cfg.t_min, t_max=cfg.t_max)
 
 
 def check_output_dir(out: Path) -> None:

@@ -9,12 +9,14 @@ single process.
 """
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed
 
 import meanflow
+from training.config import IMF_EVAL_GUIDANCE
 from utils.errors import UserError
 from utils.fid import FeatureStats, frechet_distance, from_rank0, is_rank0, on_every_rank, progress_bar
 from utils.inception import Extractor, inception_score
@@ -24,6 +26,45 @@ from utils.vae import decode, load_vae
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 IS_SPLITS = 10  # ADM's: 50,000 samples in splits of 5,000
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """iMF's guidance at sampling time, inputs of a network that takes them (``takes_guidance``, models/imf_dit.py):
+    the scale omega (1: none; above the training range of 1..8 is allowed, the authors sample with 10.5), in
+    effect while t is in [t_min, t_max]. ValueError for values the network was not trained on."""
+    omega: float = 1.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def __post_init__(self):
+        if not self.omega >= 1.0:
+            raise ValueError(f"omega {self.omega:g}: a guidance scale is >= 1 (1: no guidance)")
+        if not 0.0 <= self.t_min <= self.t_max <= 1.0:
+            raise ValueError(f"interval [{self.t_min:g}, {self.t_max:g}]: need 0 <= t_min <= t_max <= 1")
+
+    def inputs(self) -> dict[str, float]:
+        """meanflow.sample's keyword arguments."""
+        return dict(omega=self.omega, t_min=self.t_min, t_max=self.t_max)
+
+    def __str__(self) -> str:
+        return f"omega {self.omega:g}, interval [{self.t_min:g}, {self.t_max:g}]"
+
+
+def default_guidance(steps: int, *, size: str | None = None, omega: float | None = None,
+                     t_min: float | None = None, t_max: float | None = None) -> Guidance:
+    """The guidance an iMF network of model size `size` samples with in `steps` steps unless told otherwise.
+
+    omega, t_min, t_max: the settings its run recorded (None: not recorded), the 1-step guidance. Each value is
+    the first there is of: the authors' setting for this size and number of steps where they give one beyond
+    1 step (IMF_EVAL_GUIDANCE: XL/2 at 2 steps); the recorded one; the authors' 1-step setting for this size;
+    no guidance (omega 1, interval [0, 1]).
+    """
+    recorded = (omega, t_min, t_max)
+    fallback = IMF_EVAL_GUIDANCE.get((size, 1), (1.0, 0.0, 1.0))
+    if steps != 1 and (size, steps) in IMF_EVAL_GUIDANCE:
+        return Guidance(*IMF_EVAL_GUIDANCE[(size, steps)])
+    return Guidance(*(value if value is not None else default for value, default in zip(recorded, fallback)))
 
 
 def image_decoder(latent: LatentSpace | None, *, vae: str | None = None, device: str | torch.device = "cpu",
@@ -58,22 +99,27 @@ def generate(
     device: str | torch.device = "cpu",
     classes=None,
     decode: Decoder = to_uint8,
+    guidance: Guidance | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (batch indices [b], uint8 images [b, C, H, W]) of the samples ``indices``.
 
     Sample i is ``decode(meanflow.sample(net, sample_noise(seed, [i]), steps))``; for a class-conditional
     net with the class ``class_indices(net, [i], classes)``. img_shape: the network's (C, H, W), the
     latents' for a latent model; decode: image_decoder's function (default: to_uint8, for images).
-    ``net`` should be in eval mode.
+    guidance: the inputs omega, t_min, t_max of a network that takes them (None: the network's defaults, no
+    guidance); ValueError for a network that does not. ``net`` should be in eval mode.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if guidance is not None and not getattr(net, "takes_guidance", False):
+        raise ValueError(f"guidance ({guidance}) given for a network without guidance inputs")
+    inputs = {} if guidance is None else guidance.inputs()
     for batch in torch.as_tensor(indices).split(batch_size):
         noise = sample_noise(seed, batch, img_shape, device)
         labels = class_indices(net, batch, classes)
         if labels is not None:
             labels = labels.to(device)
-        yield batch, decode(meanflow.sample(net, noise, steps=steps, labels=labels))
+        yield batch, decode(meanflow.sample(net, noise, steps=steps, labels=labels, **inputs))
 
 
 def _gather(local: torch.Tensor, env) -> torch.Tensor:
@@ -101,10 +147,11 @@ def sample_images(
     progress: bool = False,
     classes=None,
     decode: Decoder = to_uint8,
+    guidance: Guidance | None = None,
 ) -> torch.Tensor:
-    """uint8 [N, C, H, W] samples 0..N-1 of ``net``, decoded by ``decode`` (see generate); with ``env``
-    (a DistEnv) each rank draws its share and rank 0 returns all of them (the other ranks return their
-    own share). classes: see ``utils.sampling.class_indices`` (sample i of a class-conditional net
+    """uint8 [N, C, H, W] samples 0..N-1 of ``net``, decoded by ``decode``, with ``guidance`` (see generate);
+    with ``env`` (a DistEnv) each rank draws its share and rank 0 returns all of them (the other ranks return
+    their own share). classes: see ``utils.sampling.class_indices`` (sample i of a class-conditional net
     takes classes[i % K])."""
     from tqdm.auto import tqdm
 
@@ -113,7 +160,7 @@ def sample_images(
     with tqdm(total=len(indices), desc=f"{steps}-step samples", unit="img", disable=not progress) as bar:
         for batch, images in generate(
             net, indices, seed=seed, img_shape=img_shape, steps=steps, batch_size=batch_size, device=device,
-            classes=classes, decode=decode,
+            classes=classes, decode=decode, guidance=guidance,
         ):
             parts.append(images.cpu())
             bar.update(len(batch))
@@ -135,8 +182,10 @@ def scores_of_network(
     env=None,
     progress: bool = True,
     decode: Decoder = to_uint8,
+    guidance: Guidance | None = None,
 ) -> dict:
-    """FID of ``num_samples`` samples of ``net`` (``steps``-step MeanFlow sampler, ``decode``d to images)
+    """FID of ``num_samples`` samples of ``net`` (``steps``-step MeanFlow sampler with ``guidance``, see generate,
+    ``decode``d to images)
     against ``ref`` = (mu, sigma), and their Inception Score when the extractor also gives class logits
     from the same forward (``features_and_logits``, utils.inception.InceptionFeaturesLogits):
     {"fid": float} or {"fid", "is", "is_std"}. IS is taken over IS_SPLITS splits of consecutive samples
@@ -160,7 +209,7 @@ def scores_of_network(
         with progress_bar(num_samples, f"FID {steps}-step", progress and is_rank0(env)) as bar:
             batches = generate(
                 net, shard(num_samples, env), seed=seed, img_shape=img_shape, steps=steps,
-                batch_size=batch_size, device=device, decode=decode,
+                batch_size=batch_size, device=device, decode=decode, guidance=guidance,
             )
             for batch, images in batches:
                 if features_and_logits is None:

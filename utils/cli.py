@@ -1,4 +1,4 @@
-"""What the entry scripts share on their command lines: the help format and --model_config."""
+"""What the entry scripts share on their command lines: the help format, --model_config and iMF's guidance flags."""
 
 import argparse
 import json
@@ -32,3 +32,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_guidance_flags(p: argparse.ArgumentParser, each: str) -> None:
+    """--omega, --t_min, --t_max of sample.py and evaluate.py: iMF's guidance at sampling time, several values
+    each (every combination is sampled; `each` says what a combination gives). Resolved, with their defaults,
+    by training.build.sampling_guidance."""
+    p.add_argument("--omega", type=float, nargs="+", default=None, metavar="W",
+                   help=f"iMF networks: the guidance scale (1: none); several values: {each} (default: the "
+                   "checkpoint's, or the authors' for their sizes: B/2 8.0, M/2 and L/2 10.5, XL/2 8.0, at 2 steps 4.0)")
+    p.add_argument("--t_min", type=float, nargs="+", default=None, metavar="T",
+                   help=f"iMF networks: start of the guidance interval (several values: {each})")
+    p.add_argument("--t_max", type=float, nargs="+", default=None, metavar="T",
+                   help=f"iMF networks: end of the guidance interval (several values: {each})")
