@@ -335,24 +335,8 @@ class MeanFlow:
         target subtracts (t - r) du/dt from v, which half precision would swamp. Only the
         network's own arithmetic runs in low precision, and only when ``autocast`` is set.
         """
-        if x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-        batch = x.shape[0]
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        x = x.to(dtype)
-        if noise is None:
-            noise = torch.randn(x.shape, device=x.device, dtype=dtype, generator=generator)
-        elif noise.shape != x.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x shape {tuple(x.shape)}")
-        if (t is None) != (r is None):
-            raise ValueError("pass both t and r, or neither (they are drawn jointly so that t >= r)")
-        if t is None:
-            t, r = self.sample_t_r(batch, device=x.device, generator=generator)
-        else:
-            _check_given_times(t, r, batch)
-        t = t.to(device=x.device, dtype=dtype)
-        r = r.to(device=x.device, dtype=dtype)
-        noise = noise.to(dtype)
+        x, noise, t, r = _data_noise_times(x, noise, t, r, self.sample_t_r, generator)
+        dtype = x.dtype
         if labels is not None:
             labels = self._dropped_labels(labels, drop, t == r, generator)
 
@@ -370,7 +354,7 @@ class MeanFlow:
                 u, dudt = u_and_dudt(net, z, t, r, v, conditions(labels, aug_cond), jvp_mode=self.jvp_mode)
             u, dudt = u.to(dtype), dudt.to(dtype)
             u_tgt = (v - _broadcast(t - r, x) * dudt).detach()
-            err = (u - u_tgt).square().reshape(batch, -1).sum(dim=1)
+            err = (u - u_tgt).square().reshape(x.shape[0], -1).sum(dim=1)
             return adaptive_weighted(err, self.norm_p, self.norm_eps).mean()
 
     def _dropped_labels(self, labels: torch.Tensor, drop: torch.Tensor | None, tied: torch.Tensor,
@@ -400,6 +384,28 @@ def _p_tied(tr_sampler: str, P_mean_t: float, P_std_t: float, P_mean_r: float, P
     spread = math.hypot(P_std_t, P_std_r)
     r_above_t = 0.5 * math.erfc((P_mean_t - P_mean_r) / (spread * math.sqrt(2))) if spread else float(P_mean_r >= P_mean_t)
     return (1.0 - ratio) + ratio * r_above_t
+
+
+def _data_noise_times(x: torch.Tensor, noise: torch.Tensor | None, t: torch.Tensor | None, r: torch.Tensor | None,
+                      sample_t_r, generator: torch.Generator | None):
+    """The start of either objective's loss: x in float32 at least, and its noise and (t, r) in that dtype on
+    x's device, given ones checked, missing ones drawn (the noise first, then t and r by ``sample_t_r``)."""
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    batch = x.shape[0]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+    if noise is None:
+        noise = torch.randn(x.shape, device=x.device, dtype=dtype, generator=generator)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from x shape {tuple(x.shape)}")
+    if (t is None) != (r is None):
+        raise ValueError("pass both t and r, or neither (they are drawn jointly so that t >= r)")
+    if t is None:
+        t, r = sample_t_r(batch, device=x.device, generator=generator)
+    else:
+        _check_given_times(t, r, batch)
+    return x, noise.to(dtype), t.to(device=x.device, dtype=dtype), r.to(device=x.device, dtype=dtype)
 
 
 def _check_given_times(t: torch.Tensor, r: torch.Tensor, batch: int) -> None:
@@ -536,22 +542,11 @@ class ImprovedMeanFlow:
         """{"loss": the batch-mean loss (with graph), "loss_u", "loss_v": mean squared errors of the two
         terms before weighting (detached; their logged values)}. Arguments as for ``loss``."""
         batch = x.shape[0]
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        x = x.to(dtype)
-        kw = dict(device=x.device, generator=generator)
         if labels.is_floating_point() or labels.dtype == torch.bool or tuple(labels.shape) != (batch,):
             raise ValueError(f"labels must be class indices of shape [{batch}] (an integer tensor), "
                              f"got {labels.dtype} {tuple(labels.shape)}")
-        if noise is None:
-            noise = torch.randn(x.shape, device=x.device, dtype=dtype, generator=generator)
-        elif noise.shape != x.shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x shape {tuple(x.shape)}")
-        if (t is None) != (r is None):
-            raise ValueError("pass both t and r, or neither (they are drawn jointly so that t >= r)")
-        if t is None:
-            t, r = self.sample_t_r(batch, **kw)
-        else:
-            _check_given_times(t, r, batch)
+        x, noise, t, r = _data_noise_times(x, noise, t, r, self.sample_t_r, generator)
+        dtype, kw = x.dtype, dict(device=x.device, generator=generator)
         given = (omega, t_min, t_max)
         if any(s is None for s in given) and not all(s is None for s in given):
             raise ValueError("pass omega, t_min and t_max together, or none of them")
@@ -560,8 +555,7 @@ class ImprovedMeanFlow:
         for name, s in (("omega", omega), ("t_min", t_min), ("t_max", t_max), ("drop", drop)):
             if tuple(s.shape) != (batch,):
                 raise ValueError(f"{name} must have shape [{batch}], got {tuple(s.shape)}")
-        t, r, omega, t_min, t_max = (s.to(device=x.device, dtype=dtype) for s in (t, r, omega, t_min, t_max))
-        noise = noise.to(dtype)
+        omega, t_min, t_max = (s.to(device=x.device, dtype=dtype) for s in (omega, t_min, t_max))
         tied = t == r
         t_min, t_max = torch.where(tied, 0.0, t_min), torch.where(tied, 1.0, t_max)
         drop = drop.to(x.device, torch.bool) & tied
