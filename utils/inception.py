@@ -84,6 +84,8 @@ class InceptionFeatures:
     names of cached reference statistics.
     """
 
+    OUTPUTS = ["2048"]  # torch-fidelity's names of what one forward returns; the pool features first
+
     def __init__(self, weights_path: str | None = None, device: str | torch.device = "cpu", *, download: bool = True):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -92,7 +94,7 @@ class InceptionFeatures:
         self.device = torch.device(device)
         try:
             model = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048"], feature_extractor_weights_path=path
+                "inception-v3-compat", self.OUTPUTS, feature_extractor_weights_path=path
             )
         except Exception as err:  # unpickling and state-dict mismatches raise several types
             raise UserFileError(
@@ -102,11 +104,14 @@ class InceptionFeatures:
         self.model = model.to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] (any H, W: resized to 299 inside) -> float32 [B, 2048]."""
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        return self.model(images.to(self.device))[0]
+        return self.model(images.to(self.device))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] (any H, W: resized to 299 inside) -> float32 [B, 2048]."""
+        return self._forward(images)[0]
 
 
 def extractor_key(extractor: Extractor) -> str:
@@ -120,7 +125,7 @@ def extractor_key(extractor: Extractor) -> str:
 # ---------------------------------------------------------------- pool features and logits, Inception Score
 
 
-class InceptionFeaturesLogits:
+class InceptionFeaturesLogits(InceptionFeatures):
     """The pool features and the 1008 class logits of one forward pass of the FID Inception-v3.
 
     Called, it gives the 2048-d pool features, identical to InceptionFeatures' and under the same
@@ -130,33 +135,12 @@ class InceptionFeaturesLogits:
     Inception Score code use.
     """
 
-    def __init__(self, weights_path: str | None = None, device: str | torch.device = "cpu", *, download: bool = True):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    OUTPUTS = ["2048", "logits_unbiased"]
 
-        path = resolve_inception_weights(weights_path, download=download)
-        self.key = f"inception-v3-compat-{file_digest(path)}"
-        self.device = torch.device(device)
-        try:
-            model = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path
-            )
-        except Exception as err:  # unpickling and state-dict mismatches raise several types
-            raise UserFileError(
-                f"could not load Inception weights from {path} ({err}); the file must be torch-fidelity's "
-                f"{WEIGHTS_FILE} (download it from {WEIGHTS_URL})"
-            ) from err
-        self.model = model.to(self.device)
-
-    @torch.no_grad()
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B, 3, H, W] (resized to 299 inside) -> (float32 [B, 2048], float32 [B, 1008])."""
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        features, logits = self.model(images.to(self.device))
+        features, logits = self._forward(images)
         return features, logits
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features_and_logits(images)[0]
 
 
 def inception_score(scores, splits: int = 10, *, probabilities: bool = False) -> tuple[float, float]:
