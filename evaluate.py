@@ -14,7 +14,7 @@ whole training set: computed once and cached, or given with --ref (ADM's referen
 ImageNet, whose stored statistics are used). The Inception Score comes from the same Inception
 forward. A checkpoint of a dataset whose quality figure is not FID (the digits) is scored by that
 figure instead. An iMF network samples with the guidance --omega, --t_min, --t_max (default: the checkpoint's,
-or the authors' for their model sizes and number of steps; several values: a row for each combination).
+or the authors' for their model sizes, their 2-step XL/2 setting first; several values: a row for each combination).
 """
 
 import argparse
@@ -83,10 +83,10 @@ def run_fid(args: argparse.Namespace) -> list[dict]:
     env = init_distributed(args.device)
     main = env.rank == 0
     try:
-        ckpt = read_checkpoint(args.ckpt)
+        config = parse_model_config(args.model_config)
+        ckpt = read_checkpoint(args.ckpt, config)
         names = select_networks(ckpt, args.ema)
         dataset = args.dataset or checkpoint_dataset(ckpt)
-        config = parse_model_config(args.model_config)
         if dataset is not None and not args.ref and dataset_info(dataset).quality == "digits":
             return digits_rows(args, ckpt, names, config, env)
         if dataset is not None and not args.ref and dataset_info(dataset).reference:

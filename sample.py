@@ -15,7 +15,7 @@ comes from noise seeded by (seed, i), so the noise does not depend on batch size
 (the images are then equal up to the floating-point differences of kernels chosen per batch size).
 A latent model's samples are decoded to images by the VAE its checkpoint names (--vae: another copy).
 An iMF network samples with the guidance --omega, --t_min, --t_max (default: the checkpoint's, or the
-authors' for their model sizes; training.build.sampling_guidance); several values write one file per
+authors' for their model sizes, their 2-step XL/2 setting first; training.build.sampling_guidance); several values write one file per
 setting, its values in the name: --omega 1 4 --out s.npz writes s_omega1_0.4-0.65.npz and s_omega4_0.4-0.65.npz.
 """
 
@@ -73,8 +73,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     env = init_distributed(args.device)
     try:
-        ckpt = read_checkpoint(args.ckpt)
-        net = load_network(ckpt, ema=args.ema, model_config=parse_model_config(args.model_config), device=env.device)
+        model_config = parse_model_config(args.model_config)
+        ckpt = read_checkpoint(args.ckpt, model_config)
+        net = load_network(ckpt, ema=args.ema, model_config=model_config, device=env.device)
         shape = (net.in_channels, net.img_resolution, net.img_resolution)
         settings = sampling_guidance(ckpt, net, args.steps, omega=args.omega, t_min=args.t_min, t_max=args.t_max)
         decode = image_decoder(LatentSpace.of_checkpoint(ckpt), vae=args.vae, device=env.device)

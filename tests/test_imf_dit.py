@@ -364,24 +364,30 @@ def test_improved_meanflow_errors_name_the_fix():
 # ---------------------------------------------------------------- their checkpoints here, ours in their layout
 
 
-def test_their_imf_file_reads_with_their_latent_space(torch_fixture, tmp_path):
-    """iMF-*.pth is their iMeanFlow's state dict: read_checkpoint gives it their latent space (sd-vae-ft-mse after
-    iMF's normalization), load_network gives their u; a network of none of their sizes samples without guidance
-    by default."""
-    from training.build import load_network, read_checkpoint, sampling_guidance
+def test_their_imf_file_reads_as_theirs_with_their_latent_space_for_their_sizes(torch_fixture, tmp_path):
+    """iMF-*.pth is their iMeanFlow's state dict: read_checkpoint recognises it and load_network gives their u. One
+    of their four configurations gets their latent space (sd-vae-ft-mse after iMF's normalization, 256 px);
+    another network in their layout (the small fixture) is a model of images of the --model_config side, and
+    samples without guidance by default."""
+    from training.build import checkpoint_from_imf, is_imf_release, load_network, read_checkpoint, sampling_guidance
     from training.sampling import Guidance
     from utils.latents import NORMS, LatentSpace
 
     path = tmp_path / "iMF-small.pth"
     torch.save(dict(torch_fixture["eval"]["state_dict"]), path)
     ckpt = read_checkpoint(path, model_config={"img_resolution": 8})
-    latent = LatentSpace.of_checkpoint(ckpt)
-    assert (latent.norm, latent.vae_name, latent.resolution) == (NORMS["imf"], "mse", 64)
-    net = load_network(ckpt, ema="net", model_config={"img_resolution": 8})
+    assert LatentSpace.of_checkpoint(ckpt) is None and ckpt["model_config"]["img_resolution"] == 8
+    net = load_network(ckpt, ema="net")
     with torch.no_grad():
         u, _ = their_call(net, torch_fixture["inputs"])
     torch.testing.assert_close(u, torch_fixture["eval"]["u"], rtol=0, atol=1e-5)
     assert sampling_guidance(ckpt, net, 1) == [Guidance(1.0, 0.0, 1.0)]
+
+    with torch.device("meta"):
+        theirs = to_official(ImfDiT(**IMF_CONFIGS["B/2"], v_head=False).state_dict())
+    assert is_imf_release(theirs)
+    latent = LatentSpace.of_checkpoint(checkpoint_from_imf(theirs))
+    assert (latent.norm, latent.vae_name, latent.resolution) == (NORMS["imf"], "mse", 256)
 
 
 @pytest.mark.parametrize("size, steps, recorded, expected", [
@@ -433,6 +439,11 @@ def test_export_to_their_layout_loads_back_with_the_same_u(torch_fixture, tmp_pa
         want, _ = their_call(net, torch_fixture["inputs"])
         got, _ = their_call(back, torch_fixture["inputs"])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # sample.py reads it back as an image model of the side --model_config gives (the layout does not tell it)
+    import sample
+    sample.main(["--ckpt", str(tmp_path / "theirs.pth"), "--ema", "net", "--model_config", '{"img_resolution": 8}',
+                 "--num_samples", "3", "--out", str(tmp_path / "s.npz"), "--device", "cpu"])
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 4)
 
 
 # ---------------------------------------------------------------- presets
@@ -510,3 +521,19 @@ def test_digits_imf_evaluates_with_its_guidance_and_evaluate_py_sweeps(tmp_path,
     guided = sample_images(net, num_samples=297, img_shape=(1, 8, 8), guidance=Guidance(8.0, 0.4, 0.65))
     assert torch.equal(RecordingQuality.scored[-1], guided)
     assert "omega  t_min  t_max" in capsys.readouterr().out
+
+
+def test_a_run_whose_interval_ends_before_it_starts_is_one_user_error():
+    """--t_min alone against the size's default t_max (B/2: 0.65) cannot be checked with the flags: the run says it
+    in one line before training."""
+    from types import SimpleNamespace
+
+    from training.run import evaluation_guidance
+    from utils.errors import UserValueError
+
+    with torch.device("meta"):
+        net = ImfDiT(**IMF_CONFIGS["B/2"])
+    trainer = SimpleNamespace(model=SimpleNamespace(net=net))
+    assert evaluation_guidance(SimpleNamespace(omega=None, t_min=0.5, t_max=None), trainer).t_max == 0.65
+    with pytest.raises(UserValueError, match=r"--omega, --t_min, --t_max: interval \[0.7, 0.65\]"):
+        evaluation_guidance(SimpleNamespace(omega=None, t_min=0.7, t_max=None), trainer)

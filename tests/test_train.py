@@ -672,6 +672,8 @@ def test_the_imf_objective_trains_through_the_same_step():
     (["--arch", "unet"], "--objective imf with --arch unet"),
     (["--cfg_omega", "2"], "--cfg_omega 2.0: MeanFlow's guidance in the target"),
     (["--tr_sampler", "v1"], "use --tr_sampler v0"),
+    (["--t_min", "0.7", "--t_max", "0.6"], "--t_min 0.7: at most --t_max 0.6"),
+    (["--omega", "0.5"], "--omega 0.5: a guidance scale >= 1"),
 ])
 def test_imf_settings_that_cannot_train_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

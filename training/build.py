@@ -183,11 +183,15 @@ def imf_release_latent(img_resolution: int = 32) -> LatentSpace:
 
 def checkpoint_from_imf(state_dict: dict, *, img_resolution: int = 32) -> dict:
     """The authors' iMF-*.pth (is_imf_release) as a checkpoint of ours: their network as "net", its config (read
-    from the weights; the input side, which they do not tell, is img_resolution) and their latent space
-    (imf_release_latent), so that sample.py and evaluate.py decode its samples to images."""
+    from the weights; the input side, which they do not tell, is img_resolution) and, for one of their
+    configurations, their latent space (imf_release_latent), so that sample.py and evaluate.py decode its
+    samples to images. Another network in their layout (export_imf of a digits run, say) is taken as a model
+    of images: the layout records neither its data nor its guidance."""
     config = imf_convert.infer_config(state_dict, img_resolution=img_resolution)
-    return {"model": dict(state_dict), "network": "imf_dit", "model_config": config,
-            CHECKPOINT_KEY: imf_release_latent(img_resolution).to_dict()}
+    ckpt = {"model": dict(state_dict), "network": "imf_dit", "model_config": config}
+    if imf_convert.config_name(config) is not None:
+        ckpt[CHECKPOINT_KEY] = imf_release_latent(img_resolution).to_dict()
+    return ckpt
 
 
 def read_checkpoint(path: str | Path, model_config: dict | None = None) -> dict:
@@ -274,7 +278,7 @@ def sampling_guidance(ckpt: dict, net: torch.nn.Module, steps: int, *, omega: li
         return [None]
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     default = network_guidance(net, steps, **{name: config.get(name) for name in given})
-    values = [given[name] or [getattr(default, name)] for name in given]
+    values = [list(dict.fromkeys(given[name] or [getattr(default, name)])) for name in given]  # each value once
     try:
         return [Guidance(w, lo, hi) for w in values[0] for lo in values[1] for hi in values[2]]
     except ValueError as e:

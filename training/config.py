@@ -310,4 +310,5 @@ def validate(cfg: TrainConfig, given: dict = ()) -> None:
     for flag in ("t_min", "t_max"):
         value = getattr(cfg, flag)
         need(value is None or 0 <= value <= 1, flag, "a time in [0, 1]")
+    need(cfg.t_min is None or cfg.t_max is None or cfg.t_min <= cfg.t_max, "t_min", f"at most --t_max {cfg.t_max}")
     need(cfg.omega is None or cfg.omega >= 1, "omega", "a guidance scale >= 1")

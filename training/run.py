@@ -237,7 +237,10 @@ def evaluation_guidance(cfg: TrainConfig, trainer: Trainer) -> Guidance | None:
     their defaults (training.build.network_guidance: the authors' for their sizes, else none)."""
     if not getattr(trainer.model.net, "takes_guidance", False):
         return None
-    return network_guidance(trainer.model.net, 1, omega=cfg.omega, t_min=cfg.t_min, t_max=cfg.t_max)
+    try:
+        return network_guidance(trainer.model.net, 1, omega=cfg.omega, t_min=cfg.t_min, t_max=cfg.t_max)
+    except ValueError as e:  # one flag given, the other the size's default: --t_min 0.7 against B/2's 0.65
+        raise UserValueError(f"--omega, --t_min, --t_max: {e}") from e
 
 
 def check_output_dir(out: Path) -> None:

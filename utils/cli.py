@@ -40,7 +40,8 @@ def add_guidance_flags(p: argparse.ArgumentParser, each: str) -> None:
     by training.build.sampling_guidance."""
     p.add_argument("--omega", type=float, nargs="+", default=None, metavar="W",
                    help=f"iMF networks: the guidance scale (1: none); several values: {each} (default: the "
-                   "checkpoint's, or the authors' for their sizes: B/2 8.0, M/2 and L/2 10.5, XL/2 8.0, at 2 steps 4.0)")
+                   "checkpoint's, or the authors' for their sizes: B/2 8.0, M/2 and L/2 10.5, XL/2 8.0; XL/2 at 2 steps "
+                   "takes their 4.0 on [0.36, 0.64] before the checkpoint's)")
     p.add_argument("--t_min", type=float, nargs="+", default=None, metavar="T",
                    help=f"iMF networks: start of the guidance interval (several values: {each})")
     p.add_argument("--t_max", type=float, nargs="+", default=None, metavar="T",
